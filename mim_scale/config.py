@@ -1,0 +1,435 @@
+"""One validated configuration tree for every entry point.
+
+A config is a TOML file (or a shipped name: ``tiny``, ``base``, ``large``, ``huge``) loaded into typed,
+frozen dataclasses, then overridden from the command line with ``--set section.key=value``. Every
+problem (unknown key, wrong type, out-of-range value, inconsistent coupled sizes) raises
+:class:`ConfigError` naming the dotted key, before any work starts.
+
+Usage::
+
+    cfg = load_config("tiny", overrides=["train.steps=20", "launch.workers=2"])
+    cfg.model.patch_size   # 2 ** len(cfg.model.widths)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+SHIPPED_CONFIGS = ("tiny", "base", "large", "huge")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the dotted key at fault."""
+
+    def __init__(self, key: str, reason: str):
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{key}: {reason}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where shards come from and how crops are cut from them."""
+
+    shards: str = ""  # manifest.json path, a directory holding one, or a URL prefix
+    crop_size: int = 192  # side of the cubic crop, voxels at the shard spacing
+    crops_per_volume: int = 2  # random crops cut from each volume read (one read feeds k samples)
+    hu_min: float = -1000.0  # intensity window, mapped linearly to [0, 1]
+    hu_max: float = 1000.0
+    shuffle_buffer: int = 8  # samples held for shuffling after decode
+    num_workers: int = 1  # DataLoader worker processes per training worker
+    seed: int = 0
+    mixture: dict[str, float] = field(default_factory=dict)  # dataset name -> sampling weight
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The hybrid ConvMAE-style backbone (MIM_METHOD.md, 'Hybrid backbone').
+
+    ``widths`` has one entry per encoder stage; the last stage is the transformer stage, the
+    others are conv stages. The patch size is ``2 ** len(widths)``.
+    """
+
+    view_size: int = 96  # side of each masked view fed to the encoder
+    in_channels: int = 1
+    widths: tuple[int, ...] = (48, 96, 192, 384)
+    conv_depths: tuple[int, ...] = (2, 2, 2)  # blocks per conv stage (len(widths) - 1 entries)
+    conv_kernel: int = 5  # depthwise kernel of the conv blocks
+    encoder_depth: int = 11  # transformer blocks in the last stage
+    encoder_heads: int = 12
+    decoder_dim: int = 576
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    activation_checkpointing: bool = False
+
+    @property
+    def patch_size(self) -> int:
+        return 2 ** len(self.widths)
+
+    @property
+    def grid(self) -> int:
+        """Tokens per side of a view."""
+        return self.view_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**3
+
+    @property
+    def embed_dim(self) -> int:
+        return self.widths[-1]
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """The three MiM levels (MIM_METHOD.md, 'One training sample')."""
+
+    levels: int = 3  # 1 = plain MAE on the downsampled crop; 2 or 3 = MiM
+    level1_ratio: float = 0.5  # fraction of the 8 octants masked whole
+    level2_ratio: float = 0.6
+    level3_ratio: float = 0.5
+    level3_picks: int = 4  # masked level-2 patches turned into level-3 views, per level-2 view
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    rec_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # w1, w2, w3
+    align_weights: tuple[float, ...] = (0.1, 0.1)  # a12, a23
+    align_variant: str = "simsiam"  # "simsiam" (spec default) or "reference" (collapse-prone)
+    schedule: str = "constant"  # "constant" or "sincos" (ramps coarse/fine weights over training)
+    norm_pix_eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    micro_batch: int = 1  # crops per worker per micro-step
+    grad_accum: int = 1
+    lr: float = 0.0  # 0 = derive: base_lr * effective batch / 256
+    base_lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 10
+    weight_decay: float = 0.05
+    betas: tuple[float, ...] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    precision: str = "bf16"  # "fp32", "bf16", "fp16" (fp16 on GPU only)
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 50  # steps; 0 disables step-based saves
+    checkpoint_minutes: float = 0.0  # 0 disables time-based saves
+    keep_last: int = 2
+    validate_every: int = 0  # steps; 0 disables validation
+    pictures_every: int = 0  # steps; 0 = with every checkpoint
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    address: str = ""  # "" starts a local Ray cluster
+    storage: str = "runs"  # shared path or object-store URI for checkpoints
+    name: str = ""  # run name; "" = derived from the config and time
+    max_failures: int = 2
+    min_workers: int = 0  # 0 = same as workers (no elasticity)
+    ray_num_cpus: int = 0  # CPUs for a local cluster; 0 = all
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    addr: str = "127.0.0.1"
+    port: int = 0  # per-worker port = port + rank; 0 = ephemeral
+    targets_file: str = ""  # Prometheus file_sd JSON; "" = <run>/prometheus_targets.json
+    device_peak_flops: float = 0.0  # 0 = look up the device; used for MFU
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    dtype: str = "float32"  # dtype of the exported encoder weights
+    full_state: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    name: str = ""  # the shipped preset or file stem this came from
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, overrides: list[str] | dict[str, Any]) -> "Config":
+        """A copy with dotted-key overrides applied and the result validated."""
+        tree = self.to_dict()
+        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+        for key, value in items:
+            _set_dotted(tree, key, value)
+        return from_dict(tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+def load_config(source: str | Path | dict | None = "tiny", overrides: list[str] | None = None) -> Config:
+    """Load a shipped preset name, a TOML/YAML file, or a dict; apply ``key=value`` overrides."""
+    if isinstance(source, dict):
+        tree = source
+    else:
+        tree = read_config_tree(str(source or "tiny"))
+    tree = dict(tree)
+    for item in overrides or []:
+        key, value = _split_override(item)
+        _set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+def read_config_tree(source: str) -> dict[str, Any]:
+    """The raw tree of a preset name or a file, with ``extends = "NAME_OR_FILE"`` resolved."""
+    path = Path(source)
+    if source in SHIPPED_CONFIGS or (not path.exists() and "/" not in source and not path.suffix):
+        if source not in SHIPPED_CONFIGS:
+            raise ConfigError("config", f"no file {source!r} and no shipped config of that name "
+                              f"(shipped: {', '.join(SHIPPED_CONFIGS)})")
+        text = resources.files("mim_scale.configs").joinpath(f"{source}.toml").read_text()
+        tree = tomllib.loads(text)
+        tree.setdefault("name", source)
+        base_dir = None
+    else:
+        if not path.is_file():
+            raise ConfigError("config", f"file not found: {path}")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                tree = yaml.safe_load(text) or {}
+            else:
+                tree = tomllib.loads(text)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            raise ConfigError("config", f"cannot parse {path}: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError("config", f"{path} must hold a table of sections")
+        tree.setdefault("name", path.stem)
+        base_dir = path.parent
+    parent = tree.pop("extends", None)
+    if parent:
+        if base_dir is not None and (base_dir / parent).is_file():
+            parent = str(base_dir / parent)
+        tree = _merge(read_config_tree(parent), tree)
+    return tree
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "mixture":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(item, "an override must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string such as a path
+    return key, value
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a plain tree."""
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def _build(cls: type, tree: Any, prefix: str):
+    if not isinstance(tree, dict):
+        raise ConfigError(prefix or "config", f"expected a table, got {type(tree).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in tree:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(where, f"unknown key (valid: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in tree:
+            continue
+        where = f"{prefix}.{f.name}" if prefix else f.name
+        kwargs[f.name] = _coerce(hints[f.name], tree[f.name], where)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(where, f"expected a list, got {value!r}")
+        return tuple(_coerce(item_type, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        key_type, val_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(where, f"expected a table, got {value!r}")
+        return {str(k): _coerce(val_type, v, f"{where}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(where, "union types are not supported in config")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(where, f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(where, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(where, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(where, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(where, f"unsupported type {hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+def _require(ok: bool, key: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(key, reason)
+
+
+def _choice(value: str, key: str, options: tuple[str, ...]) -> None:
+    _require(value in options, key, f"must be one of {', '.join(options)}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and the coupled sizes of MIM_METHOD.md; raise ConfigError naming the key."""
+    d, m, k, lo, t, la, me = cfg.data, cfg.model, cfg.masking, cfg.loss, cfg.train, cfg.launch, cfg.metrics
+
+    # model
+    _require(len(m.widths) >= 2, "model.widths", "needs at least one conv stage and the transformer stage")
+    _require(all(w > 0 for w in m.widths), "model.widths", "widths must be positive")
+    _require(len(m.conv_depths) == len(m.widths) - 1, "model.conv_depths",
+             f"needs one entry per conv stage: {len(m.widths) - 1} (len(model.widths) - 1), got {len(m.conv_depths)}")
+    _require(all(x >= 0 for x in m.conv_depths), "model.conv_depths", "depths must be >= 0")
+    _require(m.conv_kernel >= 1 and m.conv_kernel % 2 == 1, "model.conv_kernel", "must be a positive odd number")
+    _require(m.view_size > 0 and m.view_size % m.patch_size == 0, "model.view_size",
+             f"must be divisible by the patch size {m.patch_size} (= 2 ** len(model.widths)), got {m.view_size}")
+    _require(m.grid % 2 == 0, "model.view_size",
+             f"the token grid per side (view_size / patch_size = {m.grid}) must be even, to split into octants")
+    _require(m.in_channels >= 1, "model.in_channels", "must be >= 1")
+    _require(m.encoder_depth >= 1, "model.encoder_depth", "must be >= 1")
+    _require(m.encoder_heads >= 1 and m.embed_dim % m.encoder_heads == 0, "model.encoder_heads",
+             f"must divide the transformer width model.widths[-1] = {m.embed_dim}")
+    _require(m.decoder_depth >= 1, "model.decoder_depth", "must be >= 1")
+    _require(m.decoder_heads >= 1 and m.decoder_dim % m.decoder_heads == 0, "model.decoder_heads",
+             f"must divide model.decoder_dim = {m.decoder_dim}")
+    _require(m.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
+
+    # data
+    _require(d.crop_size == 2 * m.view_size, "data.crop_size",
+             f"must be 2 x model.view_size = {2 * m.view_size} (level-2 views are the crop's octants), got {d.crop_size}")
+    _require(d.crops_per_volume >= 1, "data.crops_per_volume", "must be >= 1")
+    _require(d.hu_max > d.hu_min, "data.hu_max", "must be greater than data.hu_min")
+    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    for name, w in d.mixture.items():
+        _require(w > 0 and math.isfinite(w), f"data.mixture.{name}", f"weight must be positive, got {w}")
+
+    # masking
+    _require(k.levels in (1, 2, 3), "masking.levels", f"must be 1, 2 or 3, got {k.levels}")
+    octants_masked = round(8 * k.level1_ratio)
+    _require(0 < k.level1_ratio < 1 and abs(octants_masked - 8 * k.level1_ratio) < 1e-9 and 1 <= octants_masked <= 7,
+             "masking.level1_ratio", f"must mask a whole number of the 8 octants (k/8, 1 <= k <= 7), got {k.level1_ratio}")
+    for key, ratio in (("level2_ratio", k.level2_ratio), ("level3_ratio", k.level3_ratio)):
+        _require(0 < ratio < 1, f"masking.{key}", f"must be in (0, 1), got {ratio}")
+        kept = math.floor(m.num_tokens * (1 - ratio))
+        _require(1 <= kept < m.num_tokens, f"masking.{key}",
+                 f"keeps {kept} of {m.num_tokens} tokens; must keep at least one and mask at least one")
+    masked_l2 = m.num_tokens - math.floor(m.num_tokens * (1 - k.level2_ratio))
+    _require(1 <= k.level3_picks <= masked_l2, "masking.level3_picks",
+             f"must be between 1 and the masked tokens per level-2 view ({masked_l2}), got {k.level3_picks}")
+
+    # loss
+    _require(len(lo.rec_weights) == 3, "loss.rec_weights", "needs 3 entries (w1, w2, w3)")
+    _require(len(lo.align_weights) == 2, "loss.align_weights", "needs 2 entries (a12, a23)")
+    _require(all(w >= 0 for w in lo.rec_weights + lo.align_weights), "loss.rec_weights", "weights must be >= 0")
+    _choice(lo.align_variant, "loss.align_variant", ("simsiam", "reference"))
+    _choice(lo.schedule, "loss.schedule", ("constant", "sincos"))
+    _require(lo.norm_pix_eps > 0, "loss.norm_pix_eps", "must be > 0")
+
+    # train
+    _require(t.steps >= 1, "train.steps", "must be >= 1")
+    _require(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
+    _require(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    _require(t.lr >= 0, "train.lr", "must be >= 0 (0 derives it from train.base_lr)")
+    _require(t.base_lr > 0, "train.base_lr", "must be > 0")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "needs two values in [0, 1)")
+    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _choice(t.precision, "train.precision", ("fp32", "bf16", "fp16"))
+    _require(t.precision != "fp16" or la.use_gpu, "train.precision", "fp16 needs launch.use_gpu = true (CPU has no fp16 training)")
+    _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    _require(t.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0")
+    _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
+    _require(t.validate_every >= 0, "train.validate_every", "must be >= 0")
+    _require(t.pictures_every >= 0, "train.pictures_every", "must be >= 0")
+
+    # launch
+    _require(la.workers >= 1, "launch.workers", "must be >= 1")
+    _require(0 <= la.min_workers <= la.workers, "launch.min_workers", "must be between 0 and launch.workers")
+    _require(la.cpus_per_worker > 0, "launch.cpus_per_worker", "must be > 0")
+    _require(la.max_failures >= -1, "launch.max_failures", "must be >= -1 (-1 = unlimited)")
+    _require(la.ray_num_cpus >= 0, "launch.ray_num_cpus", "must be >= 0")
+    _require(bool(la.storage), "launch.storage", "must name a path or URI")
+
+    # metrics
+    _require(0 <= me.port < 65536, "metrics.port", "must be a TCP port (0 = ephemeral)")
+    _require(me.device_peak_flops >= 0, "metrics.device_peak_flops", "must be >= 0")
+
+    _choice(cfg.export.dtype, "export.dtype", ("float32", "bfloat16", "float16"))
