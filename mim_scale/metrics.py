@@ -1,0 +1,521 @@
+"""Prometheus metrics for training workers, plus the small helpers the launcher and builder share.
+
+Every training worker owns one :class:`TrainMetrics`: its own ``CollectorRegistry`` (so several can live
+in one process, as in tests) served on its own ``/metrics`` HTTP endpoint. The launcher writes the
+endpoints into a Prometheus ``file_sd`` targets file (:func:`write_file_sd`), so one Prometheus finds a
+whole cluster (``launcher/monitoring/prometheus.yml``).
+
+Exposed series (labels: ``run`` and ``rank`` on every series; ``level`` and ``reason`` where noted).
+Names follow Prometheus conventions: prefix ``mim_``, base units (seconds, bytes, ratios 0-1), ``_total``
+only on counters.
+
+==========================================  =========  ==========================================================
+name                                        type       meaning
+==========================================  =========  ==========================================================
+mim_step                                    gauge      optimizer step the worker last finished
+mim_steps_total                             counter    steps finished by this process
+mim_last_step_timestamp_seconds             gauge      unix time of the last finished step (construction time
+                                                       before the first step); the stall alert reads it
+mim_step_duration_seconds                   histogram  wall time of one step, *including* the data wait
+mim_data_wait_seconds_total                 counter    part of the step time spent waiting for the batch;
+                                                       data-wait fraction = rate(this) /
+                                                       rate(mim_step_duration_seconds_sum)
+mim_samples_total                           counter    crops (batch items) trained on
+mim_volumes_total                           counter    distinct CT volumes those crops came from
+mim_tokens_total                            counter    patch tokens seen by the encoder
+mim_loss{level="1"|"2"|"3"}                 gauge      reconstruction loss per level (rec_l1..rec_l3)
+mim_alignment_loss{level="1-2"|"2-3"}       gauge      cross-level alignment loss; the level *pair* goes in the
+                                                       ``level`` label (align_12 -> "1-2") so the label set
+                                                       stays run/rank/level/reason
+mim_objective_loss                          gauge      the weighted total loss that is optimised
+mim_nonfinite_losses_total                  counter    steps whose losses contained NaN or +-Inf
+mim_learning_rate                           gauge      learning rate of the step
+mim_grad_norm                               gauge      global gradient norm (only set when the engine has it)
+mim_mfu                                     gauge      model FLOPs utilisation, 0-1 (only when known)
+mim_collapse_std{level=...}                 gauge      std of the normalised embeddings per level: near 0 means
+                                                       representation collapse
+mim_checkpoint_duration_seconds             histogram  time to write one checkpoint
+mim_checkpoint_written_bytes_total          counter    bytes written by checkpoints
+mim_last_checkpoint_timestamp_seconds       gauge      unix time of the last finished checkpoint
+mim_restarts_total                          counter    restarts of the run so far (see below)
+mim_corrupt_samples_skipped_total{reason}   counter    samples skipped because they could not be decoded
+mim_loader_volumes_total                    counter    volumes decoded by DataLoader worker processes
+mim_loader_read_bytes_total                 counter    bytes read by DataLoader worker processes
+mim_device_memory_peak_bytes                gauge      CUDA max allocated bytes, or the process's peak RSS on CPU
+==========================================  =========  ==========================================================
+
+Restarts. A restarted worker is a new process whose counters start again from zero, so the count of
+restarts cannot live in the process: the engine keeps it in its checkpoint metadata and, on start,
+calls :meth:`TrainMetrics.set_restarts` with it (the launcher's failure handler bumps it). The alert
+``MimRunRestarted`` then reads ``changes(max by (run) (mim_restarts_total)[15m:1m]) > 0``: aggregating
+by run first joins the old process's series with the new one's, even when the new process got a
+different ``instance`` (an ephemeral port or another node).
+
+DataLoader worker processes. They cannot touch the main process's registry, and Prometheus
+multiprocess mode would need ``PROMETHEUS_MULTIPROC_DIR`` set before any process starts and would turn
+every metric of the process into a file-backed one. Instead the workers *report through the main
+process*: the main process creates a :class:`LoaderChannel` before building the DataLoader and hands it
+to the dataset; workers call ``channel.volumes_read(...)`` / ``channel.corrupt_skipped(...)``; the
+channel is an ``multiprocessing`` queue that :meth:`TrainMetrics.record_step` drains into counters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import queue
+import re
+import resource
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import start_wsgi_server
+
+log = logging.getLogger(__name__)
+
+# Loss keys of the model's forward() (ARCHITECTURE.md, "Model step") -> label values.
+REC_LOSS_LEVELS = {"rec_l1": "1", "rec_l2": "2", "rec_l3": "3"}
+ALIGN_LOSS_PAIRS = {"align_12": "1-2", "align_23": "2-3"}
+TOTAL_LOSS_KEY = "total"
+
+# Step times range from ~50 ms (tiny CPU runs) to minutes (huge model, many accumulation steps).
+STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, float("inf"))
+CHECKPOINT_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, float("inf"))
+
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_TARGET = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
+
+
+# --------------------------------------------------------------------------------------------------
+# Serving a registry (shared with the shard builder's metrics)
+
+
+@dataclass
+class MetricsServer:
+    """A running ``/metrics`` endpoint; :meth:`close` stops it and frees the port."""
+
+    httpd: WSGIServer
+    thread: threading.Thread
+    addr: str
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_port)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5.0)
+
+
+def serve_registry(registry: CollectorRegistry, addr: str = "127.0.0.1", port: int = 0) -> tuple[MetricsServer, int]:
+    """Serve ``registry`` on ``http://addr:port/metrics`` from a daemon thread.
+
+    ``port=0`` binds an ephemeral port; the bound one is returned. Raises ``OSError`` naming the
+    address when the port is taken.
+    """
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"metrics port must be in 0..65535, got {port}")
+    try:
+        httpd, thread = start_wsgi_server(int(port), addr=addr, registry=registry)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from exc
+    server = MetricsServer(httpd=httpd, thread=thread, addr=addr)
+    return server, server.port
+
+
+def port_for_rank(base_port: int, rank: int) -> int:
+    """``MetricsConfig.port`` semantics: worker ``rank`` listens on ``base_port + rank``; 0 stays ephemeral."""
+    if base_port == 0:
+        return 0
+    port = base_port + rank
+    if not 0 < port <= 65535:
+        raise ValueError(f"metrics port {base_port} + rank {rank} = {port} is outside 1..65535")
+    return port
+
+
+def target_for(addr: str, port: int) -> str:
+    """``host:port`` that other machines use to scrape a server bound to ``addr``."""
+    host = addr
+    if addr in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    elif ":" in addr and not addr.startswith("["):
+        host = f"[{addr}]"
+    return f"{host}:{port}"
+
+
+# --------------------------------------------------------------------------------------------------
+# file_sd
+
+
+def write_file_sd(path: str | os.PathLike, targets: Iterable[str], labels: Mapping[str, str] | None = None) -> Path:
+    """Atomically write a Prometheus ``file_sd`` JSON file with one target group.
+
+    targets: ``"host:port"`` strings; labels: extra target labels (e.g. ``{"run": "r1"}``).
+    """
+    return write_file_sd_groups(path, [{"targets": list(targets), "labels": dict(labels or {})}])
+
+
+def write_file_sd_groups(path: str | os.PathLike, groups: Iterable[Mapping]) -> Path:
+    """Atomically write several ``{"targets": [...], "labels": {...}}`` groups to ``path``.
+
+    Prometheus re-reads the file on change; writing a temporary file in the same folder and renaming it
+    over ``path`` means it never reads a half-written file.
+    """
+    path = Path(path)
+    doc = []
+    for i, group in enumerate(groups):
+        targets = [str(t) for t in group.get("targets", [])]
+        for t in targets:
+            if not _TARGET.match(t) or not 0 < int(t.rsplit(":", 1)[1]) <= 65535:
+                raise ValueError(f"{path}: group {i}: target {t!r} is not host:port")
+        labels = {str(k): str(v) for k, v in dict(group.get("labels", {})).items()}
+        for k in labels:
+            if not _LABEL_NAME.match(k) or k.startswith("__"):
+                raise ValueError(f"{path}: group {i}: {k!r} is not a valid target label name")
+        doc.append({"targets": targets, "labels": labels})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_file_sd(path: str | os.PathLike) -> list[dict]:
+    """Read a ``file_sd`` JSON file; raises ``ValueError`` naming the file when it is malformed."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(doc, list) or not all(isinstance(g, dict) and "targets" in g for g in doc):
+        raise ValueError(f"{path}: a file_sd file is a JSON list of {{'targets': [...], 'labels': {{...}}}}")
+    return doc
+
+
+# --------------------------------------------------------------------------------------------------
+# DataLoader worker processes -> main process
+
+
+class LoaderChannel:
+    """Counts from DataLoader worker processes, reported through the main process.
+
+    Create it in the main process *before* the DataLoader (it must reach the workers by fork or by the
+    DataLoader's own spawn pickling, like any ``multiprocessing`` queue), keep a reference in the
+    dataset, call the reporting methods from the workers, and pass it to
+    ``TrainMetrics(..., loader_channel=channel)`` (or call :meth:`TrainMetrics.drain_loader`).
+
+    context: the ``multiprocessing`` start method of the DataLoader (``None`` = the default one).
+    """
+
+    def __init__(self, context: str | None = None) -> None:
+        ctx = multiprocessing.get_context(context)
+        self._queue = ctx.Queue()
+
+    def volumes_read(self, n: int = 1, nbytes: int = 0) -> None:
+        """From a worker: ``n`` volumes decoded, ``nbytes`` read from storage."""
+        self._queue.put(("volumes", int(n), int(nbytes), ""))
+
+    def corrupt_skipped(self, n: int, shard: str, reason: str = "decode_error") -> None:
+        """From a worker: ``n`` samples of ``shard`` skipped; the shard is logged, never a label."""
+        self._queue.put(("corrupt", int(n), 0, f"{reason}\x00{shard}"))
+
+    def drain(self, max_items: int = 100_000) -> list[tuple[str, int, int, str]]:
+        """In the main process: every event reported so far, without blocking."""
+        events = []
+        for _ in range(max_items):
+            try:
+                events.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return events
+
+    def close(self) -> None:
+        self._queue.close()
+        self._queue.join_thread()
+
+
+# --------------------------------------------------------------------------------------------------
+# Training worker metrics
+
+
+def _level_label(key: str) -> str:
+    """``"level1"``, ``"l1"``, ``"rec_l1"``, ``"1"`` -> ``"1"``; anything else stays as given."""
+    m = re.search(r"(\d+)$", str(key))
+    return m.group(1) if m else str(key)
+
+
+def peak_memory_bytes() -> int:
+    """CUDA max allocated bytes when a CUDA device is in use, else the process's peak RSS."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return int(rss_kib) * 1024
+
+
+class TrainMetrics:
+    """Metrics of one training worker, served on its own ``/metrics`` endpoint.
+
+    run: run name (a label on every series); rank: global rank (>= 0).
+    addr, port: bind address and port of the endpoint; ``port=0`` binds an ephemeral port (see
+    :attr:`port`). serve: ``False`` keeps the registry without an HTTP server (tests, disabled metrics).
+    loader_channel: a :class:`LoaderChannel` whose events are drained on every :meth:`record_step`.
+    """
+
+    def __init__(
+        self,
+        run: str,
+        rank: int,
+        *,
+        addr: str = "127.0.0.1",
+        port: int = 0,
+        serve: bool = True,
+        loader_channel: LoaderChannel | None = None,
+    ) -> None:
+        if not isinstance(run, str) or not run:
+            raise ValueError(f"run must be a non-empty string, got {run!r}")
+        if not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"rank must be an int >= 0, got {rank!r}")
+        self.run = run
+        self.rank = rank
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.loader_channel = loader_channel
+        base = ("run", "rank")
+        r = self.registry
+
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, base + extra, registry=r)
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, base + extra, registry=r)
+
+        self._step = gauge("mim_step", "Optimizer step the worker last finished.")
+        self._steps = counter("mim_steps", "Steps finished by this process.")
+        self._last_step_ts = gauge(
+            "mim_last_step_timestamp_seconds", "Unix time of the last finished step (start time before the first)."
+        )
+        self._step_seconds = Histogram(
+            "mim_step_duration_seconds",
+            "Wall time of one step, including the data wait.",
+            base,
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self._data_wait = counter("mim_data_wait_seconds", "Step time spent waiting for the next batch.")
+        self._samples = counter("mim_samples", "Crops (batch items) trained on.")
+        self._volumes = counter("mim_volumes", "Distinct CT volumes the trained crops came from.")
+        self._tokens = counter("mim_tokens", "Patch tokens seen by the encoder.")
+        self._loss = gauge("mim_loss", "Reconstruction loss per level.", ("level",))
+        self._align = gauge("mim_alignment_loss", "Cross-level alignment loss; level holds the pair, e.g. 1-2.", ("level",))
+        self._objective = gauge("mim_objective_loss", "Weighted total loss that is optimised.")
+        self._nonfinite = counter("mim_nonfinite_losses", "Steps whose losses contained NaN or Inf.")
+        self._lr = gauge("mim_learning_rate", "Learning rate of the last step.")
+        self._grad_norm = gauge("mim_grad_norm", "Global gradient norm of the last step.")
+        self._mfu = gauge("mim_mfu", "Model FLOPs utilisation (0-1) of the last step.")
+        self._collapse = gauge("mim_collapse_std", "Std of normalised embeddings per level; near 0 = collapse.", ("level",))
+        self._ckpt_seconds = Histogram(
+            "mim_checkpoint_duration_seconds",
+            "Time to write one checkpoint.",
+            base,
+            buckets=CHECKPOINT_BUCKETS,
+            registry=r,
+        )
+        self._ckpt_bytes = counter("mim_checkpoint_written_bytes", "Bytes written by checkpoints.")
+        self._last_ckpt_ts = gauge("mim_last_checkpoint_timestamp_seconds", "Unix time of the last finished checkpoint.")
+        self._restarts = counter("mim_restarts", "Restarts of the run so far (kept in the checkpoint metadata).")
+        self._corrupt = counter("mim_corrupt_samples_skipped", "Samples skipped because they could not be decoded.", ("reason",))
+        self._loader_volumes = counter("mim_loader_volumes", "Volumes decoded by DataLoader worker processes.")
+        self._loader_bytes = counter("mim_loader_read_bytes", "Bytes read by DataLoader worker processes.")
+        self._memory = gauge("mim_device_memory_peak_bytes", "CUDA max allocated bytes, or peak process RSS on CPU.")
+
+        self._lv = {"run": run, "rank": str(rank)}
+        # Counters exist (at 0) from the first scrape so rate()/increase() see the first increment;
+        # gauges whose 0 would be a lie (losses, lr, mfu) appear with the first step.
+        for m in (
+            self._steps, self._step_seconds, self._data_wait, self._samples, self._volumes, self._tokens,
+            self._nonfinite, self._ckpt_seconds, self._ckpt_bytes, self._restarts, self._loader_volumes,
+            self._loader_bytes,
+        ):  # fmt: skip
+            m.labels(**self._lv)
+        self._last_step_ts.labels(**self._lv).set(time.time())
+        self.record_device_memory()
+        self._restart_count = 0
+
+        self.addr = addr
+        self._server: MetricsServer | None = None
+        self.port: int | None = None
+        if serve:
+            self._server, self.port = serve_registry(self.registry, addr, port)
+
+    # -- properties ---------------------------------------------------------------------------------
+
+    @property
+    def target(self) -> str:
+        """``host:port`` to put into the file_sd targets file."""
+        if self.port is None:
+            raise RuntimeError("TrainMetrics was created with serve=False: there is no endpoint")
+        return target_for(self.addr, self.port)
+
+    # -- recording ----------------------------------------------------------------------------------
+
+    def record_step(
+        self,
+        step: int,
+        step_seconds: float,
+        data_wait_seconds: float,
+        samples: int,
+        volumes: int,
+        tokens: int,
+        losses: Mapping[str, float],
+        lr: float,
+        grad_norm: float | None = None,
+        mfu: float | None = None,
+        collapse_std: Mapping[str, float] | None = None,
+    ) -> None:
+        """Record one finished optimizer step.
+
+        step_seconds: wall time of the whole step, *including* the ``data_wait_seconds`` spent waiting
+        for the batch (so their ratio is the data-wait fraction). losses: the model's loss dict
+        (``rec_l1``.. ``rec_l3``, ``align_12``, ``align_23``, ``total``; missing keys are skipped,
+        unknown keys rejected); values may be floats or 0-d tensors. mfu: 0-1.
+        """
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if not (step_seconds >= 0 and data_wait_seconds >= 0):
+            raise ValueError(f"step_seconds and data_wait_seconds must be >= 0, got {step_seconds}, {data_wait_seconds}")
+        if data_wait_seconds > step_seconds * (1 + 1e-6) + 1e-6:
+            raise ValueError(
+                f"data_wait_seconds ({data_wait_seconds}) exceeds step_seconds ({step_seconds}): "
+                "step_seconds must include the wait for the batch"
+            )
+        if min(samples, volumes, tokens) < 0:
+            raise ValueError(f"samples, volumes, tokens must be >= 0, got {samples}, {volumes}, {tokens}")
+        if mfu is not None and not 0.0 <= float(mfu) <= 1.0:
+            raise ValueError(f"mfu is a fraction in 0..1, got {mfu}")
+        unknown = set(losses) - set(REC_LOSS_LEVELS) - set(ALIGN_LOSS_PAIRS) - {TOTAL_LOSS_KEY}
+        if unknown:
+            raise ValueError(f"unknown loss keys {sorted(unknown)}; expected rec_l1..rec_l3, align_12, align_23, total")
+
+        lv = self._lv
+        values = {k: float(v) for k, v in losses.items()}
+        for key, level in REC_LOSS_LEVELS.items():
+            if key in values:
+                self._loss.labels(level=level, **lv).set(values[key])
+        for key, pair in ALIGN_LOSS_PAIRS.items():
+            if key in values:
+                self._align.labels(level=pair, **lv).set(values[key])
+        if TOTAL_LOSS_KEY in values:
+            self._objective.labels(**lv).set(values[TOTAL_LOSS_KEY])
+        if not all(math.isfinite(v) for v in values.values()):
+            self._nonfinite.labels(**lv).inc()
+
+        self._step.labels(**lv).set(step)
+        self._steps.labels(**lv).inc()
+        self._last_step_ts.labels(**lv).set(time.time())
+        self._step_seconds.labels(**lv).observe(step_seconds)
+        self._data_wait.labels(**lv).inc(data_wait_seconds)
+        self._samples.labels(**lv).inc(samples)
+        self._volumes.labels(**lv).inc(volumes)
+        self._tokens.labels(**lv).inc(tokens)
+        self._lr.labels(**lv).set(float(lr))
+        if grad_norm is not None:
+            self._grad_norm.labels(**lv).set(float(grad_norm))
+        if mfu is not None:
+            self._mfu.labels(**lv).set(float(mfu))
+        for key, std in (collapse_std or {}).items():
+            self._collapse.labels(level=_level_label(key), **lv).set(float(std))
+        if self.loader_channel is not None:
+            self.drain_loader(self.loader_channel)
+
+    def record_checkpoint(self, seconds: float, nbytes: int) -> None:
+        """One checkpoint written in ``seconds``, ``nbytes`` on disk (this rank's share)."""
+        if seconds < 0 or nbytes < 0:
+            raise ValueError(f"checkpoint seconds and bytes must be >= 0, got {seconds}, {nbytes}")
+        self._ckpt_seconds.labels(**self._lv).observe(seconds)
+        self._ckpt_bytes.labels(**self._lv).inc(nbytes)
+        self._last_ckpt_ts.labels(**self._lv).set(time.time())
+
+    def set_restarts(self, n: int) -> None:
+        """Set the run's restart count (from the checkpoint metadata) when the process starts.
+
+        Monotonic like any counter: a smaller ``n`` than already recorded is an error.
+        """
+        if n < self._restart_count:
+            raise ValueError(f"restart count cannot go down: {self._restart_count} -> {n}")
+        self._restarts.labels(**self._lv).inc(n - self._restart_count)
+        self._restart_count = n
+
+    def record_restart(self) -> int:
+        """Count one more restart (an in-process recovery); returns the new count."""
+        self.set_restarts(self._restart_count + 1)
+        return self._restart_count
+
+    @property
+    def restarts(self) -> int:
+        return self._restart_count
+
+    def record_corrupt_skipped(self, n: int, shard: str, reason: str = "decode_error") -> None:
+        """``n`` samples of ``shard`` skipped; the shard is logged (too many values for a label)."""
+        if n < 0:
+            raise ValueError(f"skipped count must be >= 0, got {n}")
+        if n:
+            log.warning("rank %d skipped %d corrupt sample(s) in %s (%s)", self.rank, n, shard, reason)
+        self._corrupt.labels(reason=reason, **self._lv).inc(n)
+
+    def drain_loader(self, channel: LoaderChannel) -> int:
+        """Move the DataLoader workers' reported counts into this registry; returns the event count."""
+        events = channel.drain()
+        for kind, n, nbytes, extra in events:
+            if kind == "volumes":
+                self._loader_volumes.labels(**self._lv).inc(n)
+                self._loader_bytes.labels(**self._lv).inc(nbytes)
+            elif kind == "corrupt":
+                reason, _, shard = extra.partition("\x00")
+                self.record_corrupt_skipped(n, shard, reason)
+        return len(events)
+
+    def record_device_memory(self) -> int:
+        """Update and return the peak device memory (CUDA max allocated, or peak RSS on CPU)."""
+        value = peak_memory_bytes()
+        self._memory.labels(**self._lv).set(value)
+        return value
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the endpoint (idempotent). Drains the loader channel one last time."""
+        if self.loader_channel is not None:
+            self.drain_loader(self.loader_channel)
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    def __enter__(self) -> TrainMetrics:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        """Current value of one exposed sample (e.g. ``"mim_steps_total"``), for tests and reports."""
+        return self.registry.get_sample_value(name, {**self._lv, **labels})
