@@ -1,0 +1,198 @@
+"""The hybrid ConvMAE-style 3D encoder (MIM_METHOD.md, 'Hybrid backbone').
+
+Its ``state_dict()`` is what the export stage ships: the foundation checkpoint's **version 1 key
+schema**. With ``n = len(widths)`` stages (``n - 1`` conv stages, then the transformer stage),
+``E = widths[-1]``, ``p = 2 ** n``::
+
+    stages.{i}.embed.proj.{weight,bias}        Conv3d(widths[i-1] or in_channels -> widths[i], k=2, s=2)
+    stages.{i}.embed.norm.{weight,bias}        LayerNorm(widths[i])
+    stages.{i}.blocks.{j}.norm1.{weight,bias}  LayerNorm
+    stages.{i}.blocks.{j}.pw1.{weight,bias}    Linear (the first 1x1x1 conv), weight (C, C)
+    stages.{i}.blocks.{j}.dw.{weight,bias}     Conv3d depthwise, weight (C, 1, k, k, k)
+    stages.{i}.blocks.{j}.pw2.{weight,bias}    Linear (the second 1x1x1 conv)
+    stages.{i}.blocks.{j}.norm2.{weight,bias}  LayerNorm
+    stages.{i}.blocks.{j}.mlp.fc1/fc2.{weight,bias}   pointwise MLP (ratio mlp_ratio)
+    token_embed.proj.{weight,bias}             Conv3d(widths[-2] -> E, k=2, s=2)
+    token_embed.norm.{weight,bias}             LayerNorm(E)
+    token_proj.{weight,bias}                   Linear(E, E)
+    blocks.{j}.norm1 / attn.qkv / attn.proj / norm2 / mlp.fc1 / mlp.fc2 .{weight,bias}
+    fusion.{i}.{weight,bias}                   Conv3d(widths[i] -> E, kernel = stride = 2 ** (n - 1 - i))
+    norm.{weight,bias}                         LayerNorm(E), after transformer + fusion
+
+``i`` runs over the conv stages ``0 .. n-2``, ``j`` over blocks. Position embeddings are fixed 3D
+sin-cos, recomputed on the fly (:func:`sincos_pos_embed_3d`), so they are not in the state dict.
+Linear weights are ``(out, in)``; a 1x1x1 conv weight ``(out, in, 1, 1, 1)`` is the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mim_scale.config import ModelConfig
+from mim_scale.model.layers import (ConvBlock, PatchEmbed, TransformerBlock, run_blocks,
+                                    sincos_pos_embed_3d, trunc_normal_init)
+from mim_scale.model.ops import gather_tokens, upsample_token_mask
+
+KEY_SCHEMA_VERSION = 1
+
+
+class ConvStage(nn.Module):
+    """Patch embedding then conv blocks. x: channels-last (or channels-first for the first stage)."""
+
+    def __init__(self, in_ch: int, out_ch: int, depth: int, kernel: int, mlp_ratio: float):
+        super().__init__()
+        self.embed = PatchEmbed(in_ch, out_ch)
+        self.blocks = nn.ModuleList(ConvBlock(out_ch, kernel, mlp_ratio) for _ in range(depth))
+
+
+class HybridEncoder(nn.Module):
+    """Conv stages with masked depthwise convs, a transformer stage on visible tokens, fusion.
+
+    Built from a :class:`ModelConfig` alone: ``HybridEncoder(cfg.model)``.
+
+    - :meth:`forward_features` (fine-tuning): x (N, C, V, V, V) -> dense feature map of every stage.
+    - :meth:`forward_masked` (pre-training): x plus visible token ids -> (N, K, E) visible tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"HybridEncoder needs a ModelConfig, got {type(cfg).__name__}")
+        widths = tuple(cfg.widths)
+        if len(widths) < 2 or len(cfg.conv_depths) != len(widths) - 1:
+            raise ValueError(f"need >= 2 widths and len(widths) - 1 conv depths, got {widths}, {cfg.conv_depths}")
+        if cfg.view_size % cfg.patch_size:
+            raise ValueError(f"view_size {cfg.view_size} is not divisible by patch size {cfg.patch_size}")
+        self.cfg = cfg
+        self.in_channels = cfg.in_channels
+        self.view_size = cfg.view_size
+        self.patch_size = cfg.patch_size
+        self.grid = cfg.grid
+        self.embed_dim = cfg.embed_dim
+        self.widths = widths
+        self.activation_checkpointing = cfg.activation_checkpointing
+        n = len(widths)
+        chans = (cfg.in_channels,) + widths
+        self.stages = nn.ModuleList(
+            ConvStage(chans[i], widths[i], cfg.conv_depths[i], cfg.conv_kernel, cfg.mlp_ratio) for i in range(n - 1))
+        self.token_embed = PatchEmbed(widths[-2], widths[-1])
+        self.token_proj = nn.Linear(widths[-1], widths[-1])
+        self.blocks = nn.ModuleList(
+            TransformerBlock(widths[-1], cfg.encoder_heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.encoder_depth))
+        self.fusion = nn.ModuleList(
+            nn.Conv3d(widths[i], widths[-1], kernel_size=2 ** (n - 1 - i), stride=2 ** (n - 1 - i)) for i in range(n - 1))
+        self.norm = nn.LayerNorm(widths[-1])
+        trunc_normal_init(self)
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        v = self.view_size
+        if x.dim() != 5 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != (v, v, v):
+            raise ValueError(f"encoder input must be (N, {self.in_channels}, {v}, {v}, {v}), got {tuple(x.shape)}")
+
+    def conv_features(self, x: torch.Tensor, keep: torch.Tensor | None) -> list[torch.Tensor]:
+        """Conv stages. x: (N, C, V, V, V); keep: (N, L) with 1 at visible tokens, or None (dense).
+
+        Returns the output of every conv stage, channels-last: (N, V/2^(i+1), ..., widths[i]).
+        """
+        feats = []
+        h = x
+        for i, stage in enumerate(self.stages):
+            h = stage.embed(h, channels_first_input=(i == 0))
+            keep_vox = None
+            if keep is not None:
+                keep_vox = upsample_token_mask(keep, self.grid, h.shape[1]).to(h.dtype).permute(0, 2, 3, 4, 1)
+            h = run_blocks(stage.blocks, h, keep_vox, checkpointing=self.activation_checkpointing)
+            feats.append(h)
+        return feats
+
+    def token_inputs(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense token embeddings and fusion terms on the full grid: both (N, L, E)."""
+        t = self.token_embed(feats[-1])  # (N, g, g, g, E)
+        n = t.shape[0]
+        t = self.token_proj(t.reshape(n, -1, self.embed_dim))
+        t = t + sincos_pos_embed_3d(self.grid, self.embed_dim, t.device, t.dtype)
+        fused = 0
+        for f, proj in zip(feats, self.fusion):
+            fused = fused + proj(f.permute(0, 4, 1, 2, 3)).flatten(2).transpose(1, 2)
+        return t, fused
+
+    def transformer(self, tokens: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (N, K, E) -> (N, K, E) through the transformer blocks (no final norm)."""
+        return run_blocks(self.blocks, tokens, key_valid, checkpointing=self.activation_checkpointing)
+
+    # -- entry points ---------------------------------------------------------------------------
+
+    def forward_masked(self, x: torch.Tensor, ids_keep: torch.Tensor,
+                       key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode visible tokens only.
+
+        x: (N, C, V, V, V); ids_keep: (N, K) int64 visible token ids (raster order over the grid);
+        key_valid: (N, K) bool, False marks padding entries of ``ids_keep`` (or None) -> (N, K, E).
+        """
+        self._check_input(x)
+        keep = token_keep_mask(ids_keep, key_valid, self.grid**3)
+        feats = self.conv_features(x, keep)
+        tokens, fused = self.token_inputs(feats)
+        return self.encode_visible(tokens, fused, ids_keep, key_valid)
+
+    def encode_visible(self, tokens: torch.Tensor, fused: torch.Tensor, ids_keep: torch.Tensor,
+                       key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Gather visible tokens, run the transformer, add the gathered fusion, norm -> (N, K, E)."""
+        h = self.transformer(gather_tokens(tokens, ids_keep), key_valid)
+        return self.norm(h + gather_tokens(fused, ids_keep))
+
+    def forward_features(self, x: torch.Tensor, fuse: bool = False) -> list[torch.Tensor]:
+        """Dense (unmasked) features of every stage, for fine-tuning.
+
+        x: (N, C, V', V', V') with V' divisible by the patch size (any size; the sin-cos position
+        embedding follows the grid) -> [stage 1 (N, widths[0], V'/2, ...), ..., stage n-1,
+        last stage (N, E, V'/p, V'/p, V'/p)]. The last stage is ``norm(transformer(tokens))``;
+        with ``fuse=True`` the fusion convs' terms are added before the norm, as in pre-training.
+        """
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"encoder input must be (N, {self.in_channels}, D, H, W), got {tuple(x.shape)}")
+        d, h, w = x.shape[2:]
+        p = self.patch_size
+        if d % p or h % p or w % p:
+            raise ValueError(f"input size {(d, h, w)} is not divisible by the patch size {p}")
+        feats = self.conv_features(x, None)
+        t = self.token_embed(feats[-1])
+        n, gd, gh, gw, e = t.shape
+        t = self.token_proj(t.reshape(n, -1, e))
+        t = t + _pos_embed_box(gd, gh, gw, e, t.device, t.dtype)
+        t = self.transformer(t)
+        if fuse:
+            for f, proj in zip(feats, self.fusion):
+                t = t + proj(f.permute(0, 4, 1, 2, 3)).flatten(2).transpose(1, 2)
+        t = self.norm(t)
+        out = [f.permute(0, 4, 1, 2, 3).contiguous() for f in feats]
+        out.append(t.transpose(1, 2).reshape(n, e, gd, gh, gw))
+        return out
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Same as :meth:`forward_features` (dense features, no masking)."""
+        return self.forward_features(x)
+
+
+def _pos_embed_box(gd: int, gh: int, gw: int, dim: int, device, dtype) -> torch.Tensor:
+    """Sin-cos embedding for a (gd, gh, gw) grid, the cube's embedding cropped to the box."""
+    g = max(gd, gh, gw)
+    pe = sincos_pos_embed_3d(g, dim, device, dtype).reshape(g, g, g, dim)
+    return pe[:gd, :gh, :gw].reshape(-1, dim)
+
+
+def token_keep_mask(ids_keep: torch.Tensor, key_valid: torch.Tensor | None, length: int) -> torch.Tensor:
+    """ids_keep: (N, K) (+ key_valid (N, K) bool) -> keep: (N, L) float, 1 at visible tokens."""
+    keep = torch.zeros(ids_keep.shape[0], length + 1, device=ids_keep.device)
+    idx = ids_keep if key_valid is None else torch.where(key_valid, ids_keep, torch.full_like(ids_keep, length))
+    keep.scatter_(1, idx, 1.0)
+    return keep[:, :length]
+
+
+def build_encoder(model_cfg: ModelConfig) -> HybridEncoder:
+    """The encoder alone, e.g. for fine-tuning: ``build_encoder(cfg.model)``."""
+    return HybridEncoder(model_cfg)

@@ -1,0 +1,172 @@
+"""Building blocks of the hybrid backbone: conv blocks, transformer blocks, position embeddings.
+
+Conv-stage tensors are kept channels-last, ``(N, D, H, W, C)``: the norms and the 1x1x1 convs
+(``nn.Linear``) act on the last dimension without permutes, and only the depthwise conv sees a
+permuted ``(N, C, D, H, W)`` view (a channels-last-3d stride pattern that oneDNN consumes directly).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@functools.lru_cache(maxsize=32)
+def _sincos_cpu(grid: int, dim: int) -> torch.Tensor:
+    per_axis = (dim // 6) * 2  # even number of channels per axis; the rest stays zero
+    out = torch.zeros(grid**3, dim, dtype=torch.float32)
+    if per_axis == 0:
+        return out
+    half = per_axis // 2
+    omega = 1.0 / (10000.0 ** (torch.arange(half, dtype=torch.float64) / half))
+    coords = torch.stack(torch.meshgrid(*(torch.arange(grid, dtype=torch.float64),) * 3, indexing="ij"), dim=-1)
+    coords = coords.reshape(-1, 3)  # raster order, depth slowest
+    parts = []
+    for axis in range(3):
+        angle = coords[:, axis : axis + 1] * omega[None]
+        parts += [torch.sin(angle), torch.cos(angle)]
+    emb = torch.cat(parts, dim=1).float()
+    out[:, : emb.shape[1]] = emb
+    return out
+
+
+def sincos_pos_embed_3d(grid: int, dim: int, device: torch.device | None = None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Fixed 3D sin-cos position embedding: (grid^3, dim), tokens in raster order.
+
+    Each axis gets ``2 * (dim // 6)`` channels (half sin, half cos, MAE frequencies); channels left
+    over when ``dim`` is not a multiple of 6 are zero. Computed, not stored: it is not in any
+    state dict, so checkpoints carry only learned weights.
+    """
+    return _sincos_cpu(grid, dim).to(device=device, dtype=dtype)
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear on the last dimension."""
+
+    def __init__(self, dim: int, hidden: int, out: int | None = None):
+        super().__init__()
+        if dim <= 0 or hidden <= 0:
+            raise ValueError(f"Mlp needs positive sizes, got dim={dim}, hidden={hidden}")
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Stride-2 patch embedding: conv (kernel 2, stride 2) -> LayerNorm -> GELU.
+
+    x: (N, D, H, W, C_in) channels-last, or (N, C_in, D, H, W) when ``channels_first_input``
+    -> (N, D/2, H/2, W/2, C_out) channels-last.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.proj = nn.Conv3d(in_ch, out_ch, kernel_size=2, stride=2)
+        self.norm = nn.LayerNorm(out_ch)
+
+    def forward(self, x: torch.Tensor, channels_first_input: bool = False) -> torch.Tensor:
+        if not channels_first_input:
+            x = x.permute(0, 4, 1, 2, 3)
+        y = self.proj(x).permute(0, 2, 3, 4, 1)
+        return F.gelu(self.norm(y))
+
+
+class ConvBlock(nn.Module):
+    """ConvMAE conv block with masked depthwise conv, channels-last.
+
+    x: (N, D, H, W, C); keep: (N, D, H, W, 1) with 1 at visible voxels (or None: dense, no mask).
+    ``x + pw2(dw(keep * pw1(norm1(x))))``, then ``x + mlp(norm2(x))``. Multiplying by ``keep``
+    right before the only spatial operation is what stops masked voxels from reaching visible ones.
+    """
+
+    def __init__(self, dim: int, kernel: int, mlp_ratio: float):
+        super().__init__()
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"depthwise kernel must be a positive odd number, got {kernel}")
+        self.norm1 = nn.LayerNorm(dim)
+        self.pw1 = nn.Linear(dim, dim)
+        self.dw = nn.Conv3d(dim, dim, kernel_size=kernel, padding=kernel // 2, groups=dim)
+        self.pw2 = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        h = self.pw1(self.norm1(x))
+        if keep is not None:
+            h = h * keep
+        h = self.dw(h.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+        x = x + self.pw2(h)
+        return x + self.mlp(self.norm2(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention. x: (N, K, E); key_valid: (N, K) bool (True = real token) or None."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        n, k, e = x.shape
+        qkv = self.qkv(x).reshape(n, k, 3, self.heads, e // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None if key_valid is None else key_valid[:, None, None, :]
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(n, k, e))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm ViT block. x: (N, K, E) -> (N, K, E)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, qkv_bias: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_valid)
+        return x + self.mlp(self.norm2(x))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *extra, checkpointing: bool = False) -> torch.Tensor:
+    """Apply ``blocks`` in order, each under activation checkpointing when asked and training."""
+    use_ckpt = checkpointing and torch.is_grad_enabled()
+    for block in blocks:
+        if use_ckpt:
+            x = checkpoint(block, x, *extra, use_reentrant=False)
+        else:
+            x = block(x, *extra)
+    return x
+
+
+def trunc_normal_init(module: nn.Module) -> None:
+    """MAE-style init: xavier-uniform linears, zero biases, unit norms; convs as linears."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv3d):
+            w = m.weight
+            fan_in = w.shape[1] * math.prod(w.shape[2:])
+            fan_out = w.shape[0] * math.prod(w.shape[2:]) // max(m.groups, 1)
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            nn.init.uniform_(w, -bound, bound)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

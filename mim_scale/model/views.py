@@ -1,0 +1,138 @@
+"""The masked views of one MiM step, built on the crops' device (MIM_METHOD.md, 'One training sample').
+
+From crops (B, C, S, S, S), S = 2V, with grid g = V / p tokens per side and L = g^3:
+
+- level 1: trilinear downsample to V^3; the g^3 grid splits into 8 octants (each a (g/2)^3 block
+  of tokens, octant index ``4*od + 2*oh + ow``); ``round(8 * level1_ratio)`` octants are masked whole.
+  With ``levels == 1`` (plain MAE) level 1 is masked at random instead, keeping
+  ``floor(L * (1 - level1_ratio))`` tokens.
+- level 2: each masked level-1 octant ``(od, oh, ow)`` is the full-resolution V^3 block of the crop
+  at voxel origin ``(od*V, oh*V, ow*V)``; masked at random keeping ``floor(L * (1 - level2_ratio))``.
+- level 3: per level-2 view, ``level3_picks`` of its masked tokens are drawn at random; each p^3
+  patch is upsampled (trilinear, ``align_corners=False``) to V^3 and masked at random keeping
+  ``floor(L * (1 - level3_ratio))``.
+
+Every random draw uses ``generator`` (on the crops' device) when given, torch's global RNG otherwise.
+Masks follow the ops convention: (N, L), 1 = masked. ``ids_keep`` lists visible tokens ascending.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mim_scale.config import MaskingConfig, ModelConfig
+
+
+@dataclass
+class LevelViews:
+    """The masked views of one level, for a batch of B crops.
+
+    x: (N, C, V, V, V) the view volumes; mask: (N, L) float, 1 = masked; ids_keep: (N, K) int64;
+    crop_index: (N,) which crop each view came from.
+    Level 2: ``octant`` (N,) the level-1 octant it is; ``parent`` (N,) index of its level-1 view.
+    Level 3: ``token`` (N,) the level-2 token it was cut from; ``parent`` (N,) its level-2 view.
+    """
+
+    level: int
+    x: torch.Tensor
+    mask: torch.Tensor
+    ids_keep: torch.Tensor
+    crop_index: torch.Tensor
+    parent: torch.Tensor | None = None
+    octant: torch.Tensor | None = None
+    token: torch.Tensor | None = None
+
+    @property
+    def num_views(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_keep(self) -> int:
+        return self.ids_keep.shape[1]
+
+
+def kept_count(num_tokens: int, ratio: float) -> int:
+    """Visible tokens of a randomly masked view: floor(L * (1 - ratio)) (the reference's rounding)."""
+    return int(math.floor(num_tokens * (1.0 - ratio)))
+
+
+def octants_masked(ratio: float) -> int:
+    return int(round(8 * ratio))
+
+
+def octant_membership(grid: int, device=None) -> torch.Tensor:
+    """(8, L) float: 1 where token (raster order) lies in octant o = 4*od + 2*oh + ow."""
+    half = grid // 2
+    idx = torch.arange(grid, device=device)
+    bit = (idx >= half).long()
+    od, oh, ow = torch.meshgrid(bit, bit, bit, indexing="ij")
+    oct_of_token = (4 * od + 2 * oh + ow).reshape(-1)
+    return (oct_of_token[None, :] == torch.arange(8, device=device)[:, None]).float()
+
+
+def random_mask(n: int, length: int, keep: int, device, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAE random masking: ids_keep (n, keep) ascending, mask (n, L) with 1 at masked tokens."""
+    noise = torch.rand(n, length, device=device, generator=generator)
+    ids_keep = noise.argsort(dim=1)[:, :keep].sort(dim=1).values
+    mask = torch.ones(n, length, device=device)
+    mask.scatter_(1, ids_keep, 0.0)
+    return ids_keep, mask
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(N, C, D, H, W) -> view (N, C, D/b, b, H/b, b, W/b, b)."""
+    n, c, d, h, w = x.shape
+    return x.view(n, c, d // block, block, h // block, block, w // block, block)
+
+
+def make_views(crops: torch.Tensor, model: ModelConfig, masking: MaskingConfig,
+               generator: torch.Generator | None = None) -> list[LevelViews]:
+    """crops: (B, C, 2V, 2V, 2V) -> [level 1, level 2, level 3] views (as many as masking.levels)."""
+    v, p, g = model.view_size, model.patch_size, model.grid
+    length = g**3
+    b, c = crops.shape[:2]
+    if crops.dim() != 5 or c != model.in_channels or tuple(crops.shape[2:]) != (2 * v,) * 3:
+        raise ValueError(f"crops must be (B, {model.in_channels}, {2 * v}, {2 * v}, {2 * v}), got {tuple(crops.shape)}")
+    dev = crops.device
+    crops = crops.contiguous()
+    arange_b = torch.arange(b, device=dev)
+
+    x1 = F.interpolate(crops, size=(v, v, v), mode="trilinear", align_corners=False)
+    if masking.levels == 1:
+        ids1, mask1 = random_mask(b, length, kept_count(length, masking.level1_ratio), dev, generator)
+        return [LevelViews(1, x1, mask1, ids1, arange_b)]
+
+    k = octants_masked(masking.level1_ratio)
+    member = octant_membership(g, dev)  # (8, L)
+    oct_masked = torch.rand(b, 8, device=dev, generator=generator).argsort(dim=1)[:, :k].sort(dim=1).values  # (B, k)
+    mask1 = member[oct_masked].sum(dim=1)  # (B, L)
+    ids1 = mask1.argsort(dim=1, stable=True)[:, : length - k * (length // 8)]  # visible ids, ascending
+    levels = [LevelViews(1, x1, mask1, ids1, arange_b)]
+
+    # level 2: the masked octants at full resolution
+    bi = arange_b[:, None].expand(b, k)
+    od, oh, ow = oct_masked // 4, (oct_masked // 2) % 2, oct_masked % 2
+    x2 = _blocks(crops, v)[bi, :, od, :, oh, :, ow, :].reshape(b * k, c, v, v, v)
+    n2 = b * k
+    ids2, mask2 = random_mask(n2, length, kept_count(length, masking.level2_ratio), dev, generator)
+    levels.append(LevelViews(2, x2, mask2, ids2, bi.reshape(-1), parent=bi.reshape(-1), octant=oct_masked.reshape(-1)))
+    if masking.levels == 2:
+        return levels
+
+    # level 3: masked level-2 patches, upsampled to full view size
+    picks = masking.level3_picks
+    noise = torch.rand(n2, length, device=dev, generator=generator) + 2.0 * (1.0 - mask2)  # visible sort last
+    token = noise.argsort(dim=1)[:, :picks]  # (n2, picks), all masked in level 2
+    ni = torch.arange(n2, device=dev)[:, None].expand(n2, picks)
+    td, th, tw = token // (g * g), (token // g) % g, token % g
+    patches = _blocks(x2, p)[ni, :, td, :, th, :, tw, :].reshape(n2 * picks, c, p, p, p)
+    x3 = F.interpolate(patches, size=(v, v, v), mode="trilinear", align_corners=False)
+    n3 = n2 * picks
+    ids3, mask3 = random_mask(n3, length, kept_count(length, masking.level3_ratio), dev, generator)
+    parent3 = ni.reshape(-1)
+    levels.append(LevelViews(3, x3, mask3, ids3, levels[1].crop_index[parent3], parent=parent3, token=token.reshape(-1)))
+    return levels
