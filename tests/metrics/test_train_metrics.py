@@ -1,0 +1,141 @@
+"""TrainMetrics without a Prometheus server: argument checks, restarts, DataLoader workers, the endpoint."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mim_scale.metrics import LoaderChannel, TrainMetrics, port_for_rank, serve_registry, target_for
+
+GOOD = {"rec_l1": 1.0, "rec_l2": 1.0, "rec_l3": 1.0, "align_12": 0.1, "align_23": 0.1, "total": 3.2}
+
+
+def test_record_step_checks_its_arguments():
+    m = TrainMetrics("r", 0, serve=False)
+    with pytest.raises(ValueError, match="must include the wait"):
+        m.record_step(1, 0.1, 0.5, 1, 1, 1, GOOD, lr=1e-3)
+    with pytest.raises(ValueError, match="unknown loss keys \\['rec_l4'\\]"):
+        m.record_step(1, 0.1, 0.0, 1, 1, 1, {"rec_l4": 1.0}, lr=1e-3)
+    with pytest.raises(ValueError, match="mfu is a fraction"):
+        m.record_step(1, 0.1, 0.0, 1, 1, 1, GOOD, lr=1e-3, mfu=40.0)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        m.record_step(-1, 0.1, 0.0, 1, 1, 1, GOOD, lr=1e-3)
+    assert m.sample("mim_steps_total") == 0.0  # nothing half-recorded
+    with pytest.raises(ValueError, match="rank must be an int >= 0"):
+        TrainMetrics("r", -1, serve=False)
+    with pytest.raises(ValueError, match="run must be a non-empty string"):
+        TrainMetrics("", 0, serve=False)
+
+
+def test_tensor_losses_histogram_and_collapse_levels():
+    m = TrainMetrics("r", 3, serve=False)
+    losses = {k: torch.tensor(v) for k, v in GOOD.items()}
+    for step, secs in enumerate((0.07, 0.3, 7.0), start=1):
+        m.record_step(step, secs, secs / 10, 2, 1, 100, losses, lr=1e-3, collapse_std={"level1": 0.5, "rec_l3": 0.1})
+    assert m.sample("mim_step") == 3
+    assert m.sample("mim_step_duration_seconds_count") == 3
+    assert m.sample("mim_step_duration_seconds_bucket", le="0.1") == 1
+    assert m.sample("mim_step_duration_seconds_bucket", le="10.0") == 3
+    assert m.sample("mim_data_wait_seconds_total") == pytest.approx(0.737)
+    assert m.sample("mim_tokens_total") == 300
+    assert m.sample("mim_collapse_std", level="1") == 0.5
+    assert m.sample("mim_collapse_std", level="3") == 0.1
+    assert m.sample("mim_grad_norm") is None  # never given: absent, not a fake 0
+
+
+def test_restart_count_is_monotonic():
+    m = TrainMetrics("r", 0, serve=False)
+    assert m.sample("mim_restarts_total") == 0.0
+    m.set_restarts(2)  # from the checkpoint metadata
+    assert m.record_restart() == 3
+    assert m.sample("mim_restarts_total") == 3.0
+    with pytest.raises(ValueError, match="cannot go down: 3 -> 1"):
+        m.set_restarts(1)
+
+
+def test_checkpoint_and_corrupt_counters(caplog):
+    m = TrainMetrics("r", 0, serve=False)
+    m.record_checkpoint(2.5, 10_000)
+    m.record_checkpoint(1.0, 5_000)
+    assert m.sample("mim_checkpoint_written_bytes_total") == 15_000
+    assert m.sample("mim_checkpoint_duration_seconds_sum") == 3.5
+    assert m.sample("mim_last_checkpoint_timestamp_seconds") > 1.6e9
+    m.record_corrupt_skipped(2, "shards/train-000017.tar")
+    assert m.sample("mim_corrupt_samples_skipped_total", reason="decode_error") == 2
+    assert "train-000017.tar" in caplog.text  # the shard goes to the log, not to a label
+
+
+class _Volumes(IterableDataset):
+    """Stands in for the shard stream: each worker 'decodes' volumes and hits one corrupt sample."""
+
+    def __init__(self, channel: LoaderChannel, per_worker: int) -> None:
+        self.channel = channel
+        self.per_worker = per_worker
+
+    def __iter__(self):
+        info = get_worker_info()
+        for i in range(self.per_worker):
+            self.channel.volumes_read(1, nbytes=1000)
+            yield torch.full((2,), float(i))
+        self.channel.corrupt_skipped(1, f"shard-{info.id:06d}.tar", reason="bad_npy")
+
+
+def test_dataloader_worker_processes_report_through_the_main_process():
+    channel = LoaderChannel()
+    m = TrainMetrics("r", 0, serve=False, loader_channel=channel)
+    loader = DataLoader(_Volumes(channel, per_worker=3), batch_size=None, num_workers=2)
+    n = 0
+    for n, _batch in enumerate(loader, start=1):
+        m.record_step(n, 0.01, 0.0, 1, 1, 1, GOOD, lr=1e-3)
+    assert n == 6
+    m.close()  # drains what was reported after the last step
+    assert m.sample("mim_loader_volumes_total") == 6
+    assert m.sample("mim_loader_read_bytes_total") == 6000
+    assert m.sample("mim_corrupt_samples_skipped_total", reason="bad_npy") == 2
+    channel.close()
+
+
+def test_endpoint_serves_text_format_and_frees_its_port():
+    m = TrainMetrics("run-x", 1, addr="127.0.0.1", port=0)
+    m.record_step(5, 0.1, 0.01, 1, 1, 1, GOOD, lr=2e-4)
+    body = urllib.request.urlopen(f"http://{m.target}/metrics", timeout=5).read().decode()
+    assert 'mim_step{rank="1",run="run-x"} 5.0' in body
+    assert 'mim_learning_rate{rank="1",run="run-x"} 0.0002' in body
+    assert "# TYPE mim_steps_total counter" in body
+    port = m.port
+    m.close()
+    m.close()  # idempotent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # freed
+
+
+def test_busy_port_is_reported_with_the_address():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            TrainMetrics("r", 0, port=port)
+
+
+def test_port_and_target_helpers():
+    assert port_for_rank(0, 7) == 0
+    assert port_for_rank(9400, 3) == 9403
+    with pytest.raises(ValueError, match="outside"):
+        port_for_rank(65535, 1)
+    assert target_for("127.0.0.1", 9400) == "127.0.0.1:9400"
+    assert target_for("0.0.0.0", 9400) == f"{socket.gethostname()}:9400"
+    assert target_for("::1", 9400) == "[::1]:9400"
+    from prometheus_client import CollectorRegistry, Gauge
+
+    reg = CollectorRegistry()
+    Gauge("mim_builder_probe", "x", registry=reg).set(1)
+    server, port = serve_registry(reg)
+    try:
+        assert "mim_builder_probe 1.0" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    finally:
+        server.close()
