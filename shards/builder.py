@@ -1,0 +1,564 @@
+"""``build_shards``: inputs -> de-identified WebDataset shards + manifest, in parallel, resumable.
+
+Flow: discover inputs (driver) -> plan (work items sorted by their salted key) -> build items
+(in-process or Ray tasks, bounded in flight) -> write results strictly in plan order into shards ->
+checkpoint each closed shard in the private journal -> manifest + public report + private rejects.
+
+Determinism: the plan order, the volume bytes and the tar bytes depend only on the inputs, the
+config and the salt (kept in the private dir), so a re-run gives the same shards and an identical
+manifest. Resume: a re-run with the same plan skips every shard the journal lists whose file still
+has the recorded sha256, and restarts after the last one.
+
+Outputs:
+* shareable ``OUT/``: ``shard-NNNNNN.tar``, ``manifest.json``, ``build_report.json`` (counts only);
+* private ``OUT.private/`` (or ``private_dir``): ``salt.txt``, ``rejects.jsonl``, ``linkage.jsonl``
+  (key -> source path, dataset, content hash), ``journal.jsonl``, ``build_config.json`` (inputs too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from collections import Counter as CountDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from mim_scale.errors import UserFacingError
+from mim_scale.shards import dicom, metrics
+from mim_scale.shards.format import (
+    AXIS_ORDER, CODECS, DTYPE, FORMAT_NAME, FORMAT_VERSION, HU_MAX, HU_MIN, MANIFEST_NAME, manifest_bytes,
+)
+from mim_scale.shards.inputs import InputSpec, parse_inputs
+from mim_scale.shards.nifti import is_nifti
+from mim_scale.shards.rejects import REASONS
+from mim_scale.shards.worker import ItemResult, WorkerSettings, WorkItem, process_item
+from mim_scale.shards.writer import SHARD_PATTERN, TMP_SUFFIX, ShardFile, ShardInfo, sha256_file
+
+log = logging.getLogger("mim_scale.shards")
+
+KEY_HEX = 32
+
+
+@dataclass
+class RejectRecord:
+    """A not-built input. ``source`` and ``detail`` are private; ``reason`` is a public code."""
+
+    source: str
+    reason: str
+    detail: str
+    dataset: str
+    key: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class BuildReport:
+    """What a build did. Counts cover the whole set (resumed shards included); ``built_now`` and
+    ``seconds`` cover this run only."""
+
+    out: Path
+    private_dir: Path
+    manifest_path: Path
+    num_samples: int
+    num_shards: int
+    shard_bytes: int
+    raw_bytes: int  # int16 bytes of all stored volumes
+    voxels: int
+    datasets: dict[str, int]
+    rejected: dict[str, int]  # reason -> count (duplicates and exclusions included)
+    built_now: int
+    resumed_items: int
+    seconds: float
+    workers: int
+    peak_worker_rss_bytes: int
+    worker_seconds: float = 0.0
+
+    @property
+    def volumes_per_minute(self) -> float:
+        return 60.0 * self.built_now / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def bytes_per_voxel(self) -> float:
+        return self.shard_bytes / self.voxels if self.voxels else 0.0
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides the output bytes (recorded in the manifest)."""
+
+    spacing: float = 1.5
+    target_shard_bytes: int = 1 << 30
+    codec: str = "npy.gz"
+    gzip_level: int = 1
+    crop_body: bool = False
+    min_slices: int = 4
+    slice_spacing_tolerance: float = 0.1
+    max_tilt_deg: float = 1.0
+    max_voxels: int = 1 << 30
+    min_size_voxels: int = 8
+
+    def __post_init__(self) -> None:
+        if not (0.1 <= self.spacing <= 20.0):
+            raise UserFacingError(f"spacing {self.spacing} mm: expected 0.1 .. 20")
+        if self.target_shard_bytes < 1:
+            raise UserFacingError("target_shard_bytes must be positive")
+        if self.codec not in CODECS:
+            raise UserFacingError(f"codec {self.codec!r}: expected one of {CODECS}")
+        if not (0 <= self.gzip_level <= 9):
+            raise UserFacingError("gzip_level must be 0..9")
+        if self.min_slices < 2:
+            raise UserFacingError("min_slices must be >= 2")
+
+    def worker_settings(self) -> WorkerSettings:
+        fields = {f.name for f in dataclasses.fields(WorkerSettings)}
+        return WorkerSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _load_salt(private_dir: Path) -> bytes:
+    path = private_dir / "salt.txt"
+    if path.exists():
+        return bytes.fromhex(path.read_text().strip())
+    salt = secrets.token_bytes(32)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(salt.hex() + "\n")
+    os.replace(tmp, path)
+    return salt
+
+
+def source_key(salt: bytes, dataset: str, kind: str, identity: str) -> str:
+    """De-identified sample key: HMAC-SHA256(salt, dataset / kind / identity), 32 hex chars."""
+    msg = f"{dataset}\x00{kind}\x00{identity}".encode()
+    return hmac.new(salt, msg, hashlib.sha256).hexdigest()[:KEY_HEX]
+
+
+def plan_inputs(specs: list[InputSpec], salt: bytes) -> tuple[list[WorkItem], list[RejectRecord]]:
+    """Discover every input -> (work items sorted by key, with their plan index; discovery rejects)."""
+    items: list[WorkItem] = []
+    rejects: list[RejectRecord] = []
+    seen_keys: dict[str, str] = {}
+
+    def add(dataset: str, kind: str, identity: str, files: tuple[str, ...], source: str, multiframe: bool = False) -> None:
+        key = source_key(salt, dataset, kind, identity)
+        if key in seen_keys:
+            rejects.append(RejectRecord(source, "duplicate_content", f"same source identity as {seen_keys[key]}", dataset, key))
+            return
+        seen_keys[key] = source
+        items.append(WorkItem(0, key, dataset, kind, files, source, multiframe))
+
+    for spec in specs:
+        root = spec.path.resolve()
+        if root.is_file():
+            files = [str(root)]
+            base = root.parent
+        else:
+            files = dicom.list_files(root)
+            base = root
+        nii = [f for f in files if is_nifti(f)]
+        other = [f for f in files if not is_nifti(f)]
+        for f in nii:
+            add(spec.dataset, "nifti", os.path.relpath(f, base), (f,), f)
+        series, file_rejects = dicom.discover(other, str(base))
+        for r in file_rejects:
+            rejects.append(RejectRecord(r.path, r.reason, r.detail, spec.dataset))
+        for s in series:
+            source = os.path.commonpath(s.files) if len(s.files) > 1 else s.files[0]
+            if s.modality != "CT":
+                rejects.append(RejectRecord(source, "non_ct_modality", f"Modality {s.modality or 'missing'}, {len(s.files)} file(s)", spec.dataset))
+                continue
+            add(spec.dataset, "dicom", s.uid, tuple(s.files), source, s.multiframe)
+    items.sort(key=lambda it: it.key)
+    items = [dataclasses.replace(it, index=i) for i, it in enumerate(items)]
+    rejects.sort(key=lambda r: (r.source, r.reason))
+    return items, rejects
+
+
+def _plan_fingerprint(cfg: BuildConfig, items: list[WorkItem], exclude: set[str]) -> str:
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+    for it in items:
+        h.update(json.dumps([it.key, it.kind, it.files, it.multiframe]).encode())
+    h.update(json.dumps(sorted(exclude)).encode())
+    return h.hexdigest()
+
+
+def read_exclude(path: Path) -> set[str]:
+    """``--exclude`` file: one content sha256 (64 hex) or sample key (32 hex) per line; '#' comments."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserFacingError(f"{path}: cannot read exclude list ({exc})") from exc
+    out = set()
+    for n, line in enumerate(lines, start=1):
+        tok = line.split("#", 1)[0].strip().lower()
+        if not tok:
+            continue
+        if len(tok) not in (KEY_HEX, 64) or any(c not in "0123456789abcdef" for c in tok):
+            raise UserFacingError(f"{path}:{n}: expected a 64-hex content hash or a {KEY_HEX}-hex sample key")
+        out.add(tok)
+    return out
+
+
+# ---------------------------------------------------------------- execution
+
+
+class _InProcess:
+    def __init__(self) -> None:
+        self.workers = 0
+
+    def map_ordered(self, items: list[WorkItem], settings: WorkerSettings) -> Iterator[ItemResult]:
+        for it in items:
+            yield process_item(it, settings)
+
+    def close(self) -> None:
+        pass
+
+
+class _RayPool:
+    """Ray tasks with at most ``max_in_flight`` outstanding; results yielded in plan order."""
+
+    def __init__(self, workers: int | None, address: str | None, max_in_flight: int | None):
+        import ray
+
+        self._ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+            if address:
+                kwargs["address"] = address
+            else:
+                kwargs["num_cpus"] = workers or os.cpu_count() or 1
+                kwargs["object_store_memory"] = 512 << 20
+                kwargs["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": "1"}}
+            ray.init(**kwargs)
+            self.started = True
+        cpus = int(ray.available_resources().get("CPU", 1)) or 1
+        self.workers = workers or cpus
+        self.max_in_flight = max_in_flight or 2 * self.workers
+        self._task = ray.remote(num_cpus=1, max_retries=1)(process_item)
+
+    def map_ordered(self, items: list[WorkItem], settings: WorkerSettings) -> Iterator[ItemResult]:
+        ray = self._ray
+        settings_ref = ray.put(settings)
+        pending: dict[Any, WorkItem] = {}
+        done: dict[int, ItemResult] = {}
+        nxt = 0
+        submit = 0
+        while nxt < len(items):
+            while submit < len(items) and submit - nxt < self.max_in_flight:
+                pending[self._task.remote(items[submit], settings_ref)] = items[submit]
+                submit += 1
+            if nxt not in done:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    it = pending.pop(ref)
+                    try:
+                        done[it.index - items[0].index] = ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - a crashed worker rejects the item, not the build
+                        done[it.index - items[0].index] = ItemResult(
+                            it.index, it.key, it.dataset, it.source, reason="read_failed", detail=f"worker failed: {type(exc).__name__}"
+                        )
+                continue
+            yield done.pop(nxt)
+            nxt += 1
+
+    def close(self) -> None:
+        if self.started:
+            self._ray.shutdown()
+
+
+# ---------------------------------------------------------------- the build
+
+
+def _software() -> dict[str, str]:
+    import nibabel
+    import numpy
+    import pydicom
+    import scipy
+
+    from mim_scale import __version__
+
+    return {"mim_scale": __version__, "numpy": numpy.__version__, "scipy": scipy.__version__,
+            "pydicom": pydicom.__version__, "nibabel": nibabel.__version__}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonl(records: list[dict]) -> bytes:
+    return b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in records)
+
+
+def _result_record(r: ItemResult, reason: str | None, detail: str) -> dict[str, Any]:
+    return {"index": r.index, "key": r.key, "dataset": r.dataset, "source": r.source, "reason": reason,
+            "detail": detail, "content_sha256": r.content_sha256, "raw_bytes": r.raw_bytes, "voxels": r.voxels}
+
+
+def _load_journal(path: Path, fingerprint: str, out: Path) -> tuple[list[ShardInfo], list[dict], int]:
+    """Valid prefix of the journal: (completed shards, per-item records, next plan index)."""
+    if not path.exists():
+        return [], [], 0
+    shards: list[ShardInfo] = []
+    records: list[dict] = []
+    next_item = 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        return [], [], 0
+    try:
+        head = json.loads(lines[0])
+    except json.JSONDecodeError:
+        return [], [], 0
+    if head.get("plan") != fingerprint:
+        log.info("inputs or config changed since the last build: rebuilding from scratch")
+        return [], [], 0
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: everything before it stands
+        shard = rec.get("shard")
+        if shard is not None:
+            info = ShardInfo(**shard)
+            p = out / info.url
+            if info.index != len(shards) or not p.is_file() or p.stat().st_size != info.bytes or sha256_file(p) != info.sha256:
+                break
+            shards.append(info)
+        records.extend(rec["items"])
+        next_item = rec["next_item"]
+    return shards, records, next_item
+
+
+def build_shards(
+    inputs: list[InputSpec | str | Path],
+    out: str | Path,
+    *,
+    spacing: float = 1.5,
+    target_shard_bytes: int = 1 << 30,
+    private_dir: str | Path | None = None,
+    workers: int | None = None,
+    address: str | None = None,
+    max_in_flight: int | None = None,
+    codec: str = "npy.gz",
+    crop_body: bool = False,
+    exclude: set[str] | str | Path | None = None,
+    config: BuildConfig | None = None,
+    progress: bool = True,
+    metrics_port: int | None = None,
+) -> BuildReport:
+    """Build shards from ``inputs`` into ``out`` (see module doc).
+
+    inputs: InputSpec, or strings ``PATH`` / ``NAME=PATH`` / a .csv/.txt list (see ``inputs.parse_inputs``).
+    workers: 0 = build in this process (no Ray); None = a Ray task per volume on every CPU of the
+        local cluster (or the one at ``address``); N = N CPUs when this call starts Ray. An already
+        initialised Ray is reused and left running.
+    config: overrides spacing/target_shard_bytes/codec/crop_body when given.
+    exclude: content hashes / sample keys, or a file of them (``read_exclude``).
+    Raises UserFacingError for problems with the build as a whole; bad inputs are rejected, not raised.
+    """
+    t0 = time.perf_counter()
+    cfg = config or BuildConfig(spacing=spacing, target_shard_bytes=target_shard_bytes, codec=codec, crop_body=crop_body)
+    specs = parse_inputs(list(inputs))
+    out = Path(out).resolve()
+    private = Path(private_dir).resolve() if private_dir is not None else out.with_name(out.name + ".private")
+    if private == out or out in private.parents:
+        raise UserFacingError(f"{private}: the private dir must not be inside the shareable output {out}")
+    for spec in specs:
+        if spec.path.resolve() == out or out in spec.path.resolve().parents:
+            raise UserFacingError(f"{spec.path}: input lies inside the output folder {out}")
+    excl: set[str] = set()
+    if isinstance(exclude, (str, Path)):
+        excl = read_exclude(Path(exclude))
+    elif exclude:
+        excl = {e.lower() for e in exclude}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        private.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserFacingError(f"cannot create output folders {out} / {private}: {exc}") from exc
+    os.chmod(private, 0o700)
+    for stale in out.glob("*" + TMP_SUFFIX):
+        stale.unlink()
+    if metrics_port is not None:
+        metrics.start_server(metrics_port)
+
+    salt = _load_salt(private)
+    items, discovery_rejects = plan_inputs(specs, salt)
+    fingerprint = _plan_fingerprint(cfg, items, excl)
+    journal_path = private / "journal.jsonl"
+    shards, records, start = _load_journal(journal_path, fingerprint, out)
+    if start == 0:
+        shards, records = [], []
+        journal_path.write_text(json.dumps({"plan": fingerprint}) + "\n")
+    resumed = start
+    log.info("plan: %d volume(s) to build, %d discovery reject(s); resuming at item %d with %d shard(s) done",
+             len(items), len(discovery_rejects), start, len(shards))
+    _write_atomic(private / "build_config.json", json.dumps({
+        "config": dataclasses.asdict(cfg), "inputs": [{"path": str(s.path), "dataset": s.dataset} for s in specs],
+        "private_dir": str(private), "out": str(out)}, indent=1, sort_keys=True).encode())
+
+    seen_content = {r["content_sha256"]: r["key"] for r in records if r["reason"] is None and r["content_sha256"]}
+    pool: _InProcess | _RayPool = _InProcess() if workers == 0 else _RayPool(workers, address, max_in_flight)
+    settings = cfg.worker_settings()
+    todo = items[start:]
+    bar = _progress(len(items), start, progress)
+    current: ShardFile | None = None
+    pending: list[dict] = []  # records since the last journal checkpoint
+    built_now = 0
+    rejected_now = 0
+    peak_rss = 0
+    worker_seconds = 0.0
+    journal = open(journal_path, "a", encoding="utf-8")
+
+    def checkpoint(next_item: int, shard: ShardInfo | None) -> None:
+        rec = {"next_item": next_item, "items": pending, "shard": dataclasses.asdict(shard) if shard else None}
+        journal.write(json.dumps(rec, sort_keys=True) + "\n")
+        journal.flush()
+        os.fsync(journal.fileno())
+        records.extend(pending)
+        pending.clear()
+
+    def close_shard(next_item: int) -> None:
+        nonlocal current
+        assert current is not None
+        try:
+            info = current.finish()
+        except OSError:
+            current.abort()
+            raise
+        metrics.BYTES_WRITTEN.inc(info.bytes)
+        shards.append(info)
+        current = None
+        checkpoint(next_item, info)
+
+    try:
+        for res in pool.map_ordered(todo, settings):
+            peak_rss = max(peak_rss, res.peak_rss_bytes)
+            worker_seconds += res.seconds
+            reason, detail = res.reason, res.detail
+            if reason is None:
+                if res.content_sha256 in excl or res.key in excl:
+                    reason, detail = "excluded", "listed in the exclude file"
+                elif res.content_sha256 in seen_content:
+                    reason, detail = "duplicate_content", f"same voxels as sample {seen_content[res.content_sha256]}"
+            elif res.key in excl:
+                pass  # rejected anyway; the reason stays the more informative one
+            if reason is None:
+                sample_bytes = len(res.volume_bytes) + len(res.meta_bytes) + 2048
+                if current is not None and current.samples and current.bytes_written + sample_bytes > cfg.target_shard_bytes:
+                    close_shard(res.index)
+                if current is None:
+                    current = ShardFile(out, len(shards))
+                current.add(res.key, [(cfg.codec, res.volume_bytes), ("json", res.meta_bytes)], res.dataset)
+                seen_content[res.content_sha256] = res.key
+                metrics.VOLUMES_BUILT.inc()
+                built_now += 1
+            else:
+                metrics.VOLUMES_REJECTED.labels(reason=reason).inc()
+                rejected_now += 1
+            pending.append(_result_record(res, reason, detail))
+            bar.update(built_now, rejected_now)
+        if current is not None:
+            close_shard(len(items))
+        checkpoint(len(items), None)
+    except OSError as exc:
+        if current is not None:
+            current.abort()
+        raise UserFacingError(f"writing shards to {out} failed: {exc.strerror or exc} (re-run to resume)") from exc
+    finally:
+        journal.close()
+        pool.close()
+        bar.close()
+
+    # remove shards of an earlier, longer build in the same folder
+    for p in out.glob("shard-*.tar"):
+        if p.name not in {s.url for s in shards}:
+            p.unlink()
+
+    all_rejects = [r.as_dict() for r in discovery_rejects] + [
+        {"source": r["source"], "reason": r["reason"], "detail": r["detail"], "dataset": r["dataset"], "key": r["key"]}
+        for r in records if r["reason"]
+    ]
+    for r in discovery_rejects:
+        if resumed == 0:
+            metrics.VOLUMES_REJECTED.labels(reason=r.reason).inc()
+    built = [r for r in records if r["reason"] is None]
+    datasets = dict(sorted(CountDict(r["dataset"] for r in built).items()))
+    reasons = dict(sorted(CountDict(r["reason"] for r in all_rejects).items()))
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "axis_order": AXIS_ORDER,
+        "dtype": DTYPE,
+        "codec": cfg.codec,
+        "hu_range": [HU_MIN, HU_MAX],
+        "spacing_mm": cfg.spacing,
+        "num_samples": len(built),
+        "datasets": datasets,
+        "shards": [{"url": s.url, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256, "datasets": s.datasets} for s in shards],
+        "build_config": dataclasses.asdict(cfg),
+        "software": _software(),
+    }
+    _write_atomic(out / MANIFEST_NAME, manifest_bytes(manifest))
+    public_report = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "num_samples": len(built), "num_shards": len(shards),
+        "datasets": datasets, "rejected": reasons, "rejected_total": len(all_rejects),
+        "reason_descriptions": {k: REASONS[k] for k in reasons},
+    }
+    _write_atomic(out / "build_report.json", (json.dumps(public_report, indent=1, sort_keys=True) + "\n").encode())
+    _write_atomic(private / "rejects.jsonl", _jsonl(all_rejects))
+    _write_atomic(private / "linkage.jsonl", _jsonl([
+        {"key": r["key"], "source": r["source"], "dataset": r["dataset"], "content_sha256": r["content_sha256"]} for r in built
+    ]))
+    metrics.write_textfile(private / "metrics.prom")
+    seconds = time.perf_counter() - t0
+    report = BuildReport(
+        out=out, private_dir=private, manifest_path=out / MANIFEST_NAME, num_samples=len(built), num_shards=len(shards),
+        shard_bytes=sum(s.bytes for s in shards), raw_bytes=sum(r["raw_bytes"] for r in built),
+        voxels=sum(r["voxels"] for r in built), datasets=datasets, rejected=reasons, built_now=built_now,
+        resumed_items=resumed, seconds=seconds, workers=pool.workers, peak_worker_rss_bytes=peak_rss,
+        worker_seconds=worker_seconds,
+    )
+    log.info("built %d volume(s) into %d shard(s); %d input(s) rejected (%s); private details in %s",
+             report.num_samples, report.num_shards, len(all_rejects),
+             ", ".join(f"{k}={v}" for k, v in reasons.items()) or "none", "the private dir")
+    return report
+
+
+class _progress:
+    """tqdm bar with built / rejected counts and throughput (stderr; no input names ever shown)."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.bar = None
+        self.t0 = time.perf_counter()
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="vol", desc="shards", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, built: int, rejected: int) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        rate = 60.0 * built / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"built={built} rejected={rejected} {rate:.1f} vol/min", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,108 @@
+"""Byte-deterministic tar shards, written under a temporary name and renamed when complete.
+
+Members carry mtime 0, uid/gid 0, empty owner names and mode 0444, so the same samples in the same
+order give the same bytes (and the same sha256) on every run and machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+SHARD_PATTERN = "shard-{:06d}.tar"
+TMP_SUFFIX = ".tmp"
+
+
+def open_output(path: Path) -> BinaryIO:
+    """Open a shard file for writing (the one place output is opened, so tests can inject ENOSPC)."""
+    return open(path, "wb")  # noqa: SIM115 - closed by ShardFile
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what is written."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        n = self.f.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+        return n
+
+    def tell(self) -> int:
+        return self.size
+
+
+@dataclass
+class ShardInfo:
+    index: int
+    url: str
+    samples: int
+    bytes: int
+    sha256: str
+    datasets: dict[str, int] = field(default_factory=dict)
+
+
+class ShardFile:
+    """One shard being written: ``add`` samples, then ``finish`` (rename) or ``abort`` (delete)."""
+
+    def __init__(self, out_dir: Path, index: int):
+        self.index = index
+        self.url = SHARD_PATTERN.format(index)
+        self.final_path = out_dir / self.url
+        self.tmp_path = out_dir / (self.url + TMP_SUFFIX)
+        self._f = open_output(self.tmp_path)
+        self._hw = _HashingWriter(self._f)
+        self._tar = tarfile.open(fileobj=self._hw, mode="w|", format=tarfile.USTAR_FORMAT)  # type: ignore[call-overload]
+        self.samples = 0
+        self.datasets: dict[str, int] = {}
+
+    @property
+    def bytes_written(self) -> int:
+        return self._hw.size
+
+    def add(self, key: str, members: list[tuple[str, bytes]], dataset: str) -> None:
+        for ext, data in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self.samples += 1
+        self.datasets[dataset] = self.datasets.get(dataset, 0) + 1
+
+    def finish(self) -> ShardInfo:
+        self._tar.close()
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp_path, self.final_path)
+        return ShardInfo(self.index, self.url, self.samples, self._hw.size, self._hw.sha.hexdigest(), dict(sorted(self.datasets.items())))
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass
+        try:
+            self.tmp_path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
