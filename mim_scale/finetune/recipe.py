@@ -1,0 +1,239 @@
+"""The fine-tuning recipe: preprocessing, sampling, augmentation, optimisation and evaluation settings.
+
+A recipe is a TOML file (or a shipped name such as ``btcv``, read from
+``mim_scale/configs/finetune_<name>.toml``) loaded into frozen dataclasses and validated; every problem
+raises :class:`~mim_scale.config.ConfigError` naming the dotted key.
+
+Precedence, lowest first: the defaults below, the exported encoder's own preprocessing (its
+``config.json``), the recipe file, then ``--set section.key=value`` overrides. So an exported model
+fine-tunes with the intensity window and spacing it was pre-trained with unless the recipe says otherwise.
+
+Usage::
+
+    recipe = load_recipe("btcv", overrides=["train.steps=500"], preprocessing=meta["preprocessing"])
+    recipe.preprocessing.spacing   # (1.5, 1.5, 2.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from mim_scale.config import ConfigError, _build, _merge, _set_dotted, _split_override
+
+TASKS = ("segmentation", "classification")
+
+
+@dataclass(frozen=True)
+class PreprocessingRecipe:
+    """Deterministic preprocessing, applied once per volume (cached)."""
+
+    orientation: str = "RAS"  # axis codes the volume is reoriented to
+    spacing: tuple[float, ...] = (1.5, 1.5, 1.5)  # mm per voxel along the oriented axes
+    hu_min: float = -1000.0  # intensity window, mapped linearly to [0, 1] and clipped
+    hu_max: float = 1000.0
+    roi_size: tuple[int, ...] = ()  # training crop / sliding-window ROI; () = the encoder's view size cubed
+
+
+@dataclass(frozen=True)
+class AugmentationRecipe:
+    """Random transforms applied to each training crop."""
+
+    pos_fraction: float = 0.5  # share of segmentation crops centred on a foreground voxel
+    flip_prob: float = 0.1  # per axis
+    rot90_prob: float = 0.1  # in the axial plane
+    intensity_scale: float = 0.1  # multiply by 1 + U(-s, s)
+    intensity_shift: float = 0.1  # add U(-s, s) (intensities are in [0, 1])
+    intensity_prob: float = 0.5
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    steps: int = 1000
+    batch_size: int = 2
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 50
+    weight_decay: float = 1e-5
+    betas: tuple[float, ...] = (0.9, 0.999)
+    layer_decay: float = 1.0  # layer-wise lr decay of the encoder; 1.0 disables it
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0 = only the final checkpoint
+    keep_last: int = 2
+    val_every: int = 0  # steps; 0 = validate only at the end
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+
+@dataclass(frozen=True)
+class NetworkRecipe:
+    feature_size: int = 0  # decoder width at full resolution; 0 = the encoder's first stage width
+    norm: str = "instance"  # MONAI norm name for the decoder blocks
+    dropout: float = 0.0  # classification head
+    pooling: str = "avg"  # classification: "avg" or "max" global pooling
+
+
+@dataclass(frozen=True)
+class EvalRecipe:
+    sw_overlap: float = 0.5
+    sw_batch_size: int = 2
+    sw_mode: str = "gaussian"  # "gaussian" or "constant" blending
+
+
+@dataclass(frozen=True)
+class Recipe:
+    task: str = "segmentation"
+    # class name -> source label values merged into that class (segmentation); empty = the dataset's
+    # own labels, used as they are. Useful for multi-organ label maps such as TotalSegmentator's.
+    classes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    preprocessing: PreprocessingRecipe = field(default_factory=PreprocessingRecipe)
+    augmentation: AugmentationRecipe = field(default_factory=AugmentationRecipe)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+    network: NetworkRecipe = field(default_factory=NetworkRecipe)
+    eval: EvalRecipe = field(default_factory=EvalRecipe)
+    name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, overrides: list[str] | dict[str, Any]) -> "Recipe":
+        tree = self.to_dict()
+        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+        for key, value in items:
+            _set_dotted(tree, key, value)
+        return recipe_from_dict(tree)
+
+
+def shipped_recipes() -> list[str]:
+    names = []
+    for entry in resources.files("mim_scale.configs").iterdir():
+        if entry.name.startswith("finetune_") and entry.name.endswith(".toml"):
+            names.append(entry.name[len("finetune_"):-len(".toml")])
+    return sorted(names)
+
+
+def read_recipe_tree(source: str | Path) -> dict[str, Any]:
+    """The raw tree of a shipped recipe name or a TOML file (``extends = "NAME_OR_FILE"`` resolved)."""
+    source = str(source)
+    path = Path(source)
+    if not path.exists() and "/" not in source and not path.suffix:
+        shipped = shipped_recipes()
+        if source not in shipped:
+            raise ConfigError("recipe", f"no file {source!r} and no shipped recipe of that name "
+                              f"(shipped: {', '.join(shipped)})")
+        tree = tomllib.loads(resources.files("mim_scale.configs").joinpath(f"finetune_{source}.toml").read_text())
+        tree.setdefault("name", source)
+        base_dir = None
+    else:
+        if not path.is_file():
+            raise ConfigError("recipe", f"file not found: {path}")
+        try:
+            tree = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("recipe", f"cannot parse {path}: {exc}") from exc
+        tree.setdefault("name", path.stem)
+        base_dir = path.parent
+    parent = tree.pop("extends", None)
+    if parent:
+        if base_dir is not None and (base_dir / parent).is_file():
+            parent = str(base_dir / parent)
+        tree = _merge(read_recipe_tree(parent), tree)
+    return tree
+
+
+def preprocessing_from_meta(meta_pre: dict[str, Any] | None) -> dict[str, Any]:
+    """The recipe's preprocessing keys taken from an exported encoder's ``preprocessing`` block."""
+    out: dict[str, Any] = {}
+    if not meta_pre:
+        return out
+    if "orientation" in meta_pre:
+        out["orientation"] = str(meta_pre["orientation"])
+    if "spacing" in meta_pre and meta_pre["spacing"] is not None:
+        spacing = meta_pre["spacing"]
+        out["spacing"] = [float(spacing)] * 3 if isinstance(spacing, (int, float)) else [float(s) for s in spacing]
+    for key in ("hu_min", "hu_max"):
+        if key in meta_pre:
+            out[key] = float(meta_pre[key])
+    return out
+
+
+def load_recipe(
+    source: str | Path | dict | None = None,
+    overrides: list[str] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+) -> Recipe:
+    """Load a recipe: defaults < ``preprocessing`` (an exported model's) < ``source`` < ``overrides``."""
+    tree: dict[str, Any] = {}
+    from_model = preprocessing_from_meta(preprocessing)
+    if from_model:
+        tree["preprocessing"] = from_model
+    if isinstance(source, dict):
+        tree = _merge(tree, source)
+    elif source:
+        tree = _merge(tree, read_recipe_tree(source))
+    for item in overrides or []:
+        key, value = _split_override(item)
+        _set_dotted(tree, key, value)
+    return recipe_from_dict(tree)
+
+
+def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
+    recipe = _build(Recipe, tree, "")
+    validate_recipe(recipe)
+    return recipe
+
+
+def _require(ok: bool, key: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(key, reason)
+
+
+def validate_recipe(r: Recipe) -> None:
+    p, a, t, n, e = r.preprocessing, r.augmentation, r.train, r.network, r.eval
+    _require(r.task in TASKS, "task", f"must be one of {', '.join(TASKS)}, got {r.task!r}")
+    seen: dict[int, str] = {}
+    for name, values in r.classes.items():
+        _require(name != "background", f"classes.{name}", "class 0 is the background; do not list it")
+        _require(len(values) >= 1, f"classes.{name}", "needs at least one source label value")
+        for v in values:
+            _require(v > 0, f"classes.{name}", f"source label values must be > 0, got {v}")
+            _require(v not in seen, f"classes.{name}", f"label value {v} is already mapped to {seen.get(v)!r}")
+            seen[v] = name
+    _require(len(p.orientation) == 3 and set(p.orientation) <= set("LRAPSI"), "preprocessing.orientation",
+             f"must be three axis codes such as RAS, got {p.orientation!r}")
+    _require(len(p.spacing) == 3 and all(s > 0 for s in p.spacing), "preprocessing.spacing",
+             f"needs three positive values (mm), got {list(p.spacing)}")
+    _require(p.hu_max > p.hu_min, "preprocessing.hu_max", "must be greater than preprocessing.hu_min")
+    _require(p.roi_size == () or (len(p.roi_size) == 3 and all(s > 0 for s in p.roi_size)),
+             "preprocessing.roi_size", f"needs three positive sizes, or [] for the encoder's view size, got {list(p.roi_size)}")
+    _require(0 <= a.pos_fraction <= 1, "augmentation.pos_fraction", "must be in [0, 1]")
+    for key in ("flip_prob", "rot90_prob", "intensity_prob"):
+        _require(0 <= getattr(a, key) <= 1, f"augmentation.{key}", "must be a probability in [0, 1]")
+    _require(0 <= a.intensity_scale < 1, "augmentation.intensity_scale", "must be in [0, 1)")
+    _require(a.intensity_shift >= 0, "augmentation.intensity_shift", "must be >= 0")
+    _require(t.steps >= 1, "train.steps", "must be >= 1")
+    _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _require(t.lr > 0, "train.lr", "must be > 0")
+    _require(0 <= t.min_lr <= t.lr, "train.min_lr", "must be between 0 and train.lr")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "needs two values in [0, 1)")
+    _require(0 < t.layer_decay <= 1, "train.layer_decay", "must be in (0, 1] (1 disables layer-wise decay)")
+    _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    _require(t.val_every >= 0, "train.val_every", "must be >= 0")
+    _require(t.threads >= 0, "train.threads", "must be >= 0")
+    _require(n.feature_size >= 0, "network.feature_size", "must be >= 0 (0 = the encoder's first width)")
+    _require(n.norm in ("instance", "batch"), "network.norm", f"must be instance or batch, got {n.norm!r}")
+    _require(0 <= n.dropout < 1, "network.dropout", "must be in [0, 1)")
+    _require(n.pooling in ("avg", "max"), "network.pooling", f"must be avg or max, got {n.pooling!r}")
+    _require(0 <= e.sw_overlap < 1, "eval.sw_overlap", "must be in [0, 1)")
+    _require(e.sw_batch_size >= 1, "eval.sw_batch_size", "must be >= 1")
+    _require(e.sw_mode in ("gaussian", "constant"), "eval.sw_mode", f"must be gaussian or constant, got {e.sw_mode!r}")
