@@ -32,8 +32,8 @@ mim_nonfinite_losses_total                  counter    steps whose losses contai
 mim_learning_rate                           gauge      learning rate of the step
 mim_grad_norm                               gauge      global gradient norm (only set when the engine has it)
 mim_mfu                                     gauge      model FLOPs utilisation, 0-1 (only when known)
-mim_collapse_std{level=...}                 gauge      std of the normalised embeddings per level: near 0 means
-                                                       representation collapse
+mim_collapse_std{level=...}                 gauge      std of the aligned embeddings per level pair ("1-2", from
+                                                       the model's z_std_12) or level: near 0 means collapse
 mim_checkpoint_duration_seconds             histogram  time to write one checkpoint
 mim_checkpoint_written_bytes_total          counter    bytes written by checkpoints
 mim_last_checkpoint_timestamp_seconds       gauge      unix time of the last finished checkpoint
@@ -259,9 +259,12 @@ class LoaderChannel:
 
 
 def _level_label(key: str) -> str:
-    """``"level1"``, ``"l1"``, ``"rec_l1"``, ``"1"`` -> ``"1"``; anything else stays as given."""
+    """``"level1"``, ``"l1"``, ``"1"`` -> ``"1"``; a level pair ``"z_std_12"``, ``"align_23"`` -> ``"2-3"``."""
     m = re.search(r"(\d+)$", str(key))
-    return m.group(1) if m else str(key)
+    if not m:
+        return str(key)
+    digits = m.group(1)
+    return f"{digits[0]}-{digits[1]}" if len(digits) == 2 else digits
 
 
 def peak_memory_bytes() -> int:
@@ -396,8 +399,11 @@ class TrainMetrics:
 
         step_seconds: wall time of the whole step, *including* the ``data_wait_seconds`` spent waiting
         for the batch (so their ratio is the data-wait fraction). losses: the model's loss dict
-        (``rec_l1``.. ``rec_l3``, ``align_12``, ``align_23``, ``total``; missing keys are skipped,
-        unknown keys rejected); values may be floats or 0-d tensors. mfu: 0-1.
+        (``rec_l1``.. ``rec_l3``, ``align_12``, ``align_23``, ``total``; missing keys keep their last
+        value). The model's other outputs may be passed along: ``z_std_12`` / ``z_std_23`` feed
+        ``mim_collapse_std`` when ``collapse_std`` is None, other keys (``tokens``, ``views``) are
+        ignored. Values may be floats or 0-d tensors. mfu: 0-1. collapse_std: ``{"z_std_12": s}``,
+        ``{"level1": s}``, ... (the label is the level or level pair, see :func:`_level_label`).
         """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
@@ -412,12 +418,12 @@ class TrainMetrics:
             raise ValueError(f"samples, volumes, tokens must be >= 0, got {samples}, {volumes}, {tokens}")
         if mfu is not None and not 0.0 <= float(mfu) <= 1.0:
             raise ValueError(f"mfu is a fraction in 0..1, got {mfu}")
-        unknown = set(losses) - set(REC_LOSS_LEVELS) - set(ALIGN_LOSS_PAIRS) - {TOTAL_LOSS_KEY}
-        if unknown:
-            raise ValueError(f"unknown loss keys {sorted(unknown)}; expected rec_l1..rec_l3, align_12, align_23, total")
+        loss_keys = set(REC_LOSS_LEVELS) | set(ALIGN_LOSS_PAIRS) | {TOTAL_LOSS_KEY}
+        if collapse_std is None:
+            collapse_std = {k: float(v) for k, v in losses.items() if k.startswith("z_std_")}
 
         lv = self._lv
-        values = {k: float(v) for k, v in losses.items()}
+        values = {k: float(v) for k, v in losses.items() if k in loss_keys}
         for key, level in REC_LOSS_LEVELS.items():
             if key in values:
                 self._loss.labels(level=level, **lv).set(values[key])
