@@ -124,7 +124,11 @@ class _ScatterTokens(torch.autograd.Function):
 
 @torch.compiler.disable
 def scatter_tokens(visible: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor, length: int) -> torch.Tensor:
-    """visible: (N, K, E); ids_keep: (N, K), distinct per row -> (N, length, E), ``fill`` (E,) elsewhere."""
+    """visible: (N, K, E); ids_keep: (N, K) -> (N, length, E), ``fill`` (E,) elsewhere.
+
+    As with torch.scatter, when an id repeats within a row which of its rows lands is unspecified (the
+    decoder's padding rows all point at one extra position that it slices off); gradients match torch's.
+    """
     if visible.dim() != 3 or tuple(ids_keep.shape) != tuple(visible.shape[:2]):
         raise ValueError(f"scatter_tokens needs visible (N, K, E) and ids_keep (N, K), "
                          f"got {tuple(visible.shape)} and {tuple(ids_keep.shape)}")
