@@ -14,7 +14,7 @@ from mim_scale.model.encoder import KEY_SCHEMA_VERSION, HybridEncoder, build_enc
 from mim_scale.model.flops import flops_per_sample, forward_flops
 from mim_scale.model.mim import MiMModel, build_model
 from mim_scale.model.optim import param_groups
-from mim_scale.model.views import LevelViews, make_views
+from mim_scale.model.views import LevelViews, MaskDraw, draw_masks, make_views
 
 __all__ = ["KEY_SCHEMA_VERSION", "HybridEncoder", "build_encoder", "MiMModel", "build_model", "flops_per_sample",
-           "forward_flops", "param_groups", "LevelViews", "make_views"]
+           "forward_flops", "param_groups", "LevelViews", "MaskDraw", "draw_masks", "make_views"]

@@ -44,8 +44,9 @@ def alignment_loss(parent: torch.Tensor, child: torch.Tensor, head: AlignHead,
         p = head.predictor(child)
     else:
         raise ValueError(f"unknown alignment variant {variant!r} (valid: {', '.join(ALIGN_VARIANTS)})")
-    zn = F.normalize(z.float(), dim=-1)
-    pn = F.normalize(p.float(), dim=-1)
+    dtype = torch.promote_types(z.dtype, torch.float32)  # at least fp32 under bf16
+    zn = F.normalize(z.to(dtype), dim=-1)
+    pn = F.normalize(p.to(dtype), dim=-1)
     loss = (2.0 - 2.0 * (pn * zn).sum(dim=-1)).mean()
     z_std = zn.detach().std(dim=0, correction=0).mean()
     return loss, z_std

@@ -26,7 +26,7 @@ from mim_scale.model.decoder import MaskedDecoder
 from mim_scale.model.encoder import HybridEncoder, token_keep_mask
 from mim_scale.model.losses import AlignHead, alignment_loss, rec_weights_at
 from mim_scale.model.ops import masked_norm_pix_mse, patchify, unpatchify, upsample_token_mask
-from mim_scale.model.views import LevelViews, make_views, octant_membership
+from mim_scale.model.views import LevelViews, MaskDraw, make_views, octant_membership
 
 TOKEN_BATCHING = ("bucket", "pad", "level")
 
@@ -58,9 +58,10 @@ class MiMModel(nn.Module):
 
     # -- views and the batched pass -------------------------------------------------------------
 
-    def make_views(self, crops: torch.Tensor, generator: torch.Generator | None = None) -> list[LevelViews]:
+    def make_views(self, crops: torch.Tensor, generator: torch.Generator | None = None,
+                   draw: MaskDraw | None = None) -> list[LevelViews]:
         with torch.no_grad():
-            return make_views(crops, self.cfg.model, self.cfg.masking, generator)
+            return make_views(crops, self.cfg.model, self.cfg.masking, generator, draw)
 
     def _param_dtype(self) -> torch.dtype:
         return self.encoder.token_proj.weight.dtype
@@ -115,14 +116,17 @@ class MiMModel(nn.Module):
     # -- the training step ----------------------------------------------------------------------
 
     def forward(self, crops: torch.Tensor, *, generator: torch.Generator | None = None,
-                progress: float = 0.0) -> dict[str, torch.Tensor]:
-        losses, _ = self.step(crops, generator=generator, progress=progress)
+                progress: float = 0.0, draw: MaskDraw | None = None) -> dict[str, torch.Tensor]:
+        """crops: (B, C, 2V, 2V, 2V) in [0, 1]. Masks are drawn with ``generator`` (on the crops'
+        device; torch's global RNG when None) unless ``draw`` gives them (validation).
+        ``progress`` in [0, 1] drives the optional ``loss.schedule = "sincos"``."""
+        losses, _ = self.step(crops, generator=generator, progress=progress, draw=draw)
         return losses
 
-    def step(self, crops: torch.Tensor, *, generator: torch.Generator | None = None, progress: float = 0.0
-             ) -> tuple[dict[str, torch.Tensor], dict]:
+    def step(self, crops: torch.Tensor, *, generator: torch.Generator | None = None, progress: float = 0.0,
+             draw: MaskDraw | None = None) -> tuple[dict[str, torch.Tensor], dict]:
         """Like :meth:`forward`, also returning the views and per-level (features, pred) for tests/pictures."""
-        levels = self.make_views(crops, generator)
+        levels = self.make_views(crops, generator, draw)
         results = self.encode_decode(levels)
         lo = self.cfg.loss
         p = self.patch_size
@@ -169,7 +173,7 @@ class MiMModel(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, crops: torch.Tensor, generator: torch.Generator | None = None,
-                    max_views: int = 2) -> dict[str, dict[str, torch.Tensor]]:
+                    max_views: int = 2, draw: MaskDraw | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """Pictures of one step: ``{"l1": {...}, "l2": {...}, ...}``, each holding CPU float tensors
 
         ``input`` (n, C, V, V, V) the view, ``masked`` (masked voxels zeroed), ``mask`` (n, 1, V, V, V)
@@ -180,7 +184,7 @@ class MiMModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            levels = self.make_views(crops, generator)
+            levels = self.make_views(crops, generator, draw)
             results = self.encode_decode(levels)
         finally:
             self.train(was_training)

@@ -89,26 +89,78 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.view(n, c, d // block, block, h // block, block, w // block, block)
 
 
+@dataclass
+class MaskDraw:
+    """Every random choice of one step's views, as index tensors (device-independent when saved).
+
+    octants: (B, k) masked level-1 octants, ascending (MiM) -- or ids1: (B, K1) visible level-1
+    tokens (plain MAE); ids2: (B*k, K2); token3: (B*k, picks) masked level-2 tokens turned into
+    level-3 views; ids3: (B*k*picks, K3). Entries of levels that are not used are None.
+    """
+
+    octants: torch.Tensor | None = None
+    ids1: torch.Tensor | None = None
+    ids2: torch.Tensor | None = None
+    token3: torch.Tensor | None = None
+    ids3: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+    def to(self, device) -> "MaskDraw":
+        return MaskDraw(**{k: v.to(device) for k, v in self.tensors().items()})
+
+
+def draw_masks(batch: int, model: ModelConfig, masking: MaskingConfig, device=None,
+               generator: torch.Generator | None = None) -> MaskDraw:
+    """Draw every mask of a step for ``batch`` crops (see the module docstring for the rules)."""
+    length = model.grid**3
+    if masking.levels == 1:
+        ids1, _ = random_mask(batch, length, kept_count(length, masking.level1_ratio), device, generator)
+        return MaskDraw(ids1=ids1)
+    k = octants_masked(masking.level1_ratio)
+    octants = torch.rand(batch, 8, device=device, generator=generator).argsort(dim=1)[:, :k].sort(dim=1).values
+    n2 = batch * k
+    ids2, mask2 = random_mask(n2, length, kept_count(length, masking.level2_ratio), device, generator)
+    if masking.levels == 2:
+        return MaskDraw(octants=octants, ids2=ids2)
+    noise = torch.rand(n2, length, device=device, generator=generator) + 2.0 * (1.0 - mask2)  # visible sort last
+    token3 = noise.argsort(dim=1)[:, : masking.level3_picks]  # all masked in level 2
+    ids3, _ = random_mask(n2 * masking.level3_picks, length, kept_count(length, masking.level3_ratio), device, generator)
+    return MaskDraw(octants=octants, ids2=ids2, token3=token3, ids3=ids3)
+
+
+def _mask_from_ids(ids_keep: torch.Tensor, length: int) -> torch.Tensor:
+    mask = torch.ones(ids_keep.shape[0], length, device=ids_keep.device)
+    return mask.scatter_(1, ids_keep, 0.0)
+
+
 def make_views(crops: torch.Tensor, model: ModelConfig, masking: MaskingConfig,
-               generator: torch.Generator | None = None) -> list[LevelViews]:
-    """crops: (B, C, 2V, 2V, 2V) -> [level 1, level 2, level 3] views (as many as masking.levels)."""
+               generator: torch.Generator | None = None, draw: MaskDraw | None = None) -> list[LevelViews]:
+    """crops: (B, C, 2V, 2V, 2V) -> [level 1, level 2, level 3] views (as many as masking.levels).
+
+    The masks come from ``draw`` when given (e.g. a saved validation set), else are drawn now.
+    """
     v, p, g = model.view_size, model.patch_size, model.grid
     length = g**3
     b, c = crops.shape[:2]
     if crops.dim() != 5 or c != model.in_channels or tuple(crops.shape[2:]) != (2 * v,) * 3:
         raise ValueError(f"crops must be (B, {model.in_channels}, {2 * v}, {2 * v}, {2 * v}), got {tuple(crops.shape)}")
     dev = crops.device
+    if draw is None:
+        draw = draw_masks(b, model, masking, dev, generator)
+    else:
+        draw = draw.to(dev)
     crops = crops.contiguous()
     arange_b = torch.arange(b, device=dev)
 
     x1 = F.interpolate(crops, size=(v, v, v), mode="trilinear", align_corners=False)
     if masking.levels == 1:
-        ids1, mask1 = random_mask(b, length, kept_count(length, masking.level1_ratio), dev, generator)
-        return [LevelViews(1, x1, mask1, ids1, arange_b)]
+        return [LevelViews(1, x1, _mask_from_ids(draw.ids1, length), draw.ids1, arange_b)]
 
-    k = octants_masked(masking.level1_ratio)
+    oct_masked = draw.octants
+    k = oct_masked.shape[1]
     member = octant_membership(g, dev)  # (8, L)
-    oct_masked = torch.rand(b, 8, device=dev, generator=generator).argsort(dim=1)[:, :k].sort(dim=1).values  # (B, k)
     mask1 = member[oct_masked].sum(dim=1)  # (B, L)
     ids1 = mask1.argsort(dim=1, stable=True)[:, : length - k * (length // 8)]  # visible ids, ascending
     levels = [LevelViews(1, x1, mask1, ids1, arange_b)]
@@ -118,21 +170,19 @@ def make_views(crops: torch.Tensor, model: ModelConfig, masking: MaskingConfig,
     od, oh, ow = oct_masked // 4, (oct_masked // 2) % 2, oct_masked % 2
     x2 = _blocks(crops, v)[bi, :, od, :, oh, :, ow, :].reshape(b * k, c, v, v, v)
     n2 = b * k
-    ids2, mask2 = random_mask(n2, length, kept_count(length, masking.level2_ratio), dev, generator)
-    levels.append(LevelViews(2, x2, mask2, ids2, bi.reshape(-1), parent=bi.reshape(-1), octant=oct_masked.reshape(-1)))
+    levels.append(LevelViews(2, x2, _mask_from_ids(draw.ids2, length), draw.ids2, bi.reshape(-1),
+                             parent=bi.reshape(-1), octant=oct_masked.reshape(-1)))
     if masking.levels == 2:
         return levels
 
     # level 3: masked level-2 patches, upsampled to full view size
-    picks = masking.level3_picks
-    noise = torch.rand(n2, length, device=dev, generator=generator) + 2.0 * (1.0 - mask2)  # visible sort last
-    token = noise.argsort(dim=1)[:, :picks]  # (n2, picks), all masked in level 2
+    token = draw.token3
+    picks = token.shape[1]
     ni = torch.arange(n2, device=dev)[:, None].expand(n2, picks)
     td, th, tw = token // (g * g), (token // g) % g, token % g
     patches = _blocks(x2, p)[ni, :, td, :, th, :, tw, :].reshape(n2 * picks, c, p, p, p)
     x3 = F.interpolate(patches, size=(v, v, v), mode="trilinear", align_corners=False)
-    n3 = n2 * picks
-    ids3, mask3 = random_mask(n3, length, kept_count(length, masking.level3_ratio), dev, generator)
     parent3 = ni.reshape(-1)
-    levels.append(LevelViews(3, x3, mask3, ids3, levels[1].crop_index[parent3], parent=parent3, token=token.reshape(-1)))
+    levels.append(LevelViews(3, x3, _mask_from_ids(draw.ids3, length), draw.ids3, levels[1].crop_index[parent3],
+                             parent=parent3, token=token.reshape(-1)))
     return levels
