@@ -9,16 +9,18 @@ canonical). Classic single-frame CT and enhanced multi-frame CT (per-frame Plane
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pydicom
+import pydicom.config
 from pydicom.errors import InvalidDicomError
 
 from mim_scale.shards import fileio
@@ -49,6 +51,20 @@ class FileReject:
     detail: str
 
 
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """No value validation and no warnings while datasets are read and their values converted:
+    pydicom's validation warnings and log lines quote tag values (UIDs, names), which must not reach logs."""
+    mode = pydicom.config.settings.reading_validation_mode
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom.config.settings.reading_validation_mode = mode
+
+
 def _read(path: str, stop_before_pixels: bool) -> pydicom.Dataset:
     """Read one DICOM file through fileio (so failures can be injected), mapping errors to reasons."""
     try:
@@ -58,9 +74,24 @@ def _read(path: str, stop_before_pixels: bool) -> pydicom.Dataset:
     if size == 0:
         raise InputRejected("empty_file", "0 bytes", path)
     try:
-        with fileio.open_input(path) as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, defer_size=None if not stop_before_pixels else "4 KB")
+        with fileio.open_input(path) as f, quiet_pydicom():
+            defer = None if not stop_before_pixels else "4 KB"
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, defer_size=defer)
+            except InvalidDicomError:
+                # old exports omit the preamble and file meta: accept a stream that starts with a
+                # plausible group 0008 element, refuse anything else
+                f.seek(0)
+                if f.read(2) not in (b"\x08\x00", b"\x00\x08"):
+                    raise
+                f.seek(0)
+                ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, defer_size=defer, force=True)
+                if "TransferSyntaxUID" not in ds.file_meta:
+                    implicit, little = ds.original_encoding
+                    ds.file_meta.TransferSyntaxUID = (
+                        pydicom.uid.ImplicitVRLittleEndian if implicit
+                        else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+                    )
             if not stop_before_pixels and "PixelData" in ds:
                 _ = ds.PixelData  # force the read while the file is open
     except InputRejected:
@@ -108,6 +139,11 @@ def discover(files: list[str], root: str | None = None) -> tuple[list[SeriesRef]
     Non-image objects, unreadable and non-DICOM files become rejects; localizers are dropped (one
     reject each); non-CT series are returned too (the builder rejects them with ``non_ct_modality``).
     """
+    with quiet_pydicom():
+        return _discover(files, root)
+
+
+def _discover(files: list[str], root: str | None) -> tuple[list[SeriesRef], list[FileReject]]:
     series: dict[str, SeriesRef] = {}
     rejects: list[FileReject] = []
     for path in files:
@@ -115,6 +151,9 @@ def discover(files: list[str], root: str | None = None) -> tuple[list[SeriesRef]
             ds = _read(path, stop_before_pixels=True)
         except InputRejected as rej:
             rejects.append(FileReject(path, rej.reason, rej.detail))
+            continue
+        if len(ds) == 0:
+            rejects.append(FileReject(path, "truncated", "no data elements after the file meta"))
             continue
         if "Rows" not in ds and "PixelData" not in ds:
             rejects.append(FileReject(path, "not_image", f"SOP class {_sop_class(ds) or 'unknown'}"))
@@ -218,7 +257,7 @@ def _first(seq_owner: Any, seq: str, kw: str) -> Any:
     if seq_owner is None or seq not in seq_owner or not seq_owner[seq].value:
         return None
     item = seq_owner[seq].value[0]
-    return item.get(kw) if kw in item else None
+    return item[kw].value if kw in item else None
 
 
 def _enhanced_slices(path: str) -> list[_Slice]:
@@ -249,8 +288,8 @@ def _enhanced_slices(path: str) -> list[_Slice]:
             slope, intercept = ds.get("RescaleSlope", 1), ds.get("RescaleIntercept", 0)
         src = f"{path}#frame{i}"
         out.append(_Slice(
-            ipp=_floats(ipp.value, 3, "ImagePositionPatient", src), iop=_floats(iop.value, 6, "ImageOrientationPatient", src),
-            pixel_spacing=_floats(ps.value, 2, "PixelSpacing", src), rows=int(pix.shape[1]), cols=int(pix.shape[2]),
+            ipp=_floats(ipp, 3, "ImagePositionPatient", src), iop=_floats(iop, 6, "ImageOrientationPatient", src),
+            pixel_spacing=_floats(ps, 2, "PixelSpacing", src), rows=int(pix.shape[1]), cols=int(pix.shape[2]),
             pixels=_rescale(pix[i], slope, intercept), source=src,
         ))
     return out
@@ -326,7 +365,11 @@ def load_series(
     The volume is in scanner order; pass it through ``geometry.canonicalize`` for the stored orientation.
     Raises InputRejected with a named reason.
     """
-    tol = tol or StackTolerances()
+    with quiet_pydicom():
+        return _load_series(files, tol or StackTolerances(), multiframe, max_voxels)
+
+
+def _load_series(files: list[str], tol: StackTolerances, multiframe: bool | None, max_voxels: int) -> Volume:
     source = os.path.commonpath(files) if len(files) > 1 else files[0]
     # declared size first: a tiny file may declare a huge image
     ds = _read(files[0], stop_before_pixels=True)

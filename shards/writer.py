@@ -90,6 +90,11 @@ class ShardFile:
         return ShardInfo(self.index, self.url, self.samples, self._hw.size, self._hw.sha.hexdigest(), dict(sorted(self.datasets.items())))
 
     def abort(self) -> None:
+        # a stream-mode tar flushes its buffer when collected: mark it closed so nothing more is written
+        self._tar.closed = True
+        stream = getattr(self._tar, "fileobj", None)
+        if stream is not None and hasattr(stream, "closed"):
+            stream.closed = True
         try:
             self._f.close()
         except OSError:
