@@ -120,7 +120,10 @@ def test_endpoint_serves_text_format_and_frees_its_port():
     m.close()
     m.close()  # idempotent
     with socket.socket() as s:
+        # SO_REUSEADDR: the closed connection may linger in TIME_WAIT; a live listener still blocks bind
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))  # freed
+        s.listen()
 
 
 def test_busy_port_is_reported_with_the_address():
