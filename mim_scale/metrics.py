@@ -155,6 +155,59 @@ def target_for(addr: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def targets_path(metrics_cfg, run_dir: str | os.PathLike) -> Path:
+    """The file_sd targets file of a run: ``metrics_cfg.targets_file`` or ``RUN_DIR/prometheus_targets.json``."""
+    return Path(metrics_cfg.targets_file) if metrics_cfg.targets_file else Path(run_dir) / "prometheus_targets.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# MFU
+
+# Dense (no sparsity) tensor-core peaks per device, FLOP/s: (bf16/fp16, tf32). Matched in order
+# against torch.cuda.get_device_name(); the more specific names come first.
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100 NVL", 835e12, 418e12),
+    ("H100", 989.4e12, 494.7e12),  # SXM / HBM3
+    ("H200", 989.4e12, 494.7e12),
+    ("GH200", 989.4e12, 494.7e12),
+    ("A100", 312e12, 156e12),
+    ("L40S", 362e12, 183e12),
+    ("A10G", 70e12, 35e12),
+    ("L4", 121e12, 60e12),
+)
+
+
+def device_peak_flops(precision: str = "bf16", device_name: str | None = None) -> float | None:
+    """Peak dense FLOP/s of the current CUDA device for ``precision`` ("bf16", "fp16", "fp32" = TF32).
+
+    ``None`` when unknown (CPU, an unlisted GPU): then MFU is not reported unless
+    ``metrics.device_peak_flops`` is configured.
+    """
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"precision must be bf16, fp16 or fp32, got {precision!r}")
+    if device_name is None:
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    for key, half, tf32 in PEAK_FLOPS:
+        if key in device_name:
+            return tf32 if precision == "fp32" else half
+    return None
+
+
+def compute_mfu(flops_per_sample: float, samples: int, step_seconds: float, peak_flops: float | None) -> float | None:
+    """MFU of one rank: ``flops_per_sample * samples / step_seconds / peak_flops`` (``None`` if no peak).
+
+    samples: crops this rank trained on in the step (micro_batch * grad_accum); flops_per_sample:
+    training FLOPs per crop (``mim_scale.model.flops_per_sample``).
+    """
+    if not peak_flops or step_seconds <= 0:
+        return None
+    return float(flops_per_sample) * samples / step_seconds / float(peak_flops)
+
+
 # --------------------------------------------------------------------------------------------------
 # file_sd
 
@@ -363,12 +416,18 @@ class TrainMetrics:
         self._last_step_ts.labels(**self._lv).set(time.time())
         self.record_device_memory()
         self._restart_count = 0
+        self._warned_mfu = False
 
         self.addr = addr
         self._server: MetricsServer | None = None
         self.port: int | None = None
         if serve:
             self._server, self.port = serve_registry(self.registry, addr, port)
+
+    @classmethod
+    def from_config(cls, metrics_cfg, run: str, rank: int, **kwargs) -> TrainMetrics:
+        """From ``Config.metrics``: bind ``metrics_cfg.addr`` on ``port_for_rank(metrics_cfg.port, rank)``."""
+        return cls(run, rank, addr=metrics_cfg.addr, port=port_for_rank(metrics_cfg.port, rank), **kwargs)
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -416,8 +475,13 @@ class TrainMetrics:
             )
         if min(samples, volumes, tokens) < 0:
             raise ValueError(f"samples, volumes, tokens must be >= 0, got {samples}, {volumes}, {tokens}")
-        if mfu is not None and not 0.0 <= float(mfu) <= 1.0:
-            raise ValueError(f"mfu is a fraction in 0..1, got {mfu}")
+        if mfu is not None:
+            if not float(mfu) >= 0.0:
+                raise ValueError(f"mfu is a fraction >= 0, got {mfu}")
+            if float(mfu) > 1.0 and not self._warned_mfu:
+                # exported anyway: a dashboard showing >100% points at a wrong FLOPs count or peak
+                log.warning("rank %d: MFU %.3f > 1: the FLOPs count or the device peak is wrong", self.rank, mfu)
+                self._warned_mfu = True
         loss_keys = set(REC_LOSS_LEVELS) | set(ALIGN_LOSS_PAIRS) | {TOTAL_LOSS_KEY}
         if collapse_std is None:
             collapse_std = {k: float(v) for k, v in losses.items() if k.startswith("z_std_")}

@@ -9,7 +9,17 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mim_scale.metrics import LoaderChannel, TrainMetrics, port_for_rank, serve_registry, target_for
+from mim_scale.config import load_config
+from mim_scale.metrics import (
+    LoaderChannel,
+    TrainMetrics,
+    compute_mfu,
+    device_peak_flops,
+    port_for_rank,
+    serve_registry,
+    target_for,
+    targets_path,
+)
 
 GOOD = {"rec_l1": 1.0, "rec_l2": 1.0, "rec_l3": 1.0, "align_12": 0.1, "align_23": 0.1, "total": 3.2}
 
@@ -19,7 +29,7 @@ def test_record_step_checks_its_arguments():
     with pytest.raises(ValueError, match="must include the wait"):
         m.record_step(1, 0.1, 0.5, 1, 1, 1, GOOD, lr=1e-3)
     with pytest.raises(ValueError, match="mfu is a fraction"):
-        m.record_step(1, 0.1, 0.0, 1, 1, 1, GOOD, lr=1e-3, mfu=40.0)
+        m.record_step(1, 0.1, 0.0, 1, 1, 1, GOOD, lr=1e-3, mfu=float("nan"))
     with pytest.raises(ValueError, match="step must be >= 0"):
         m.record_step(-1, 0.1, 0.0, 1, 1, 1, GOOD, lr=1e-3)
     assert m.sample("mim_steps_total") == 0.0  # nothing half-recorded
@@ -152,3 +162,27 @@ def test_port_and_target_helpers():
         assert "mim_builder_probe 1.0" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     finally:
         server.close()
+
+
+def test_impossible_mfu_is_exported_with_a_warning(caplog):
+    m = TrainMetrics("r", 0, serve=False)
+    m.record_step(1, 0.1, 0.0, 1, 1, 1, GOOD, lr=1e-3, mfu=1.7)
+    assert m.sample("mim_mfu") == 1.7
+    assert "FLOPs count or the device peak is wrong" in caplog.text
+
+
+def test_mfu_helpers_and_config():
+    assert device_peak_flops("bf16", "NVIDIA H100 80GB HBM3") == 989.4e12
+    assert device_peak_flops("bf16", "NVIDIA H100 PCIe") == 756e12
+    assert device_peak_flops("fp32", "NVIDIA A100-SXM4-80GB") == 156e12
+    assert device_peak_flops("bf16", "Some Future GPU") is None
+    if not torch.cuda.is_available():
+        assert device_peak_flops("bf16") is None  # CPU: MFU needs metrics.device_peak_flops
+    with pytest.raises(ValueError, match="precision"):
+        device_peak_flops("int8", "NVIDIA H100")
+    assert compute_mfu(1e12, 4, 2.0, 4e12) == pytest.approx(0.5)
+    assert compute_mfu(1e12, 4, 2.0, None) is None
+    cfg = load_config("tiny")
+    m = TrainMetrics.from_config(cfg.metrics, "r", 1, serve=False)
+    assert m.rank == 1 and m.port is None
+    assert targets_path(cfg.metrics, "/runs/x").as_posix() == "/runs/x/prometheus_targets.json"
