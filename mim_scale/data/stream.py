@@ -1,0 +1,280 @@
+"""Streaming random crops from WebDataset shards, with no cache and an exactly reproducible order.
+
+Order. The stream is a pure function of (seed, worker layout, samples consumed):
+
+- An infinite sequence of *shard picks*, pick ``i`` drawn with probability proportional to the shard's
+  mixture weight from an RNG seeded by ``(seed, i)`` (resampled shards: no epochs, no exhaustion).
+- The picks are dealt round-robin to ``S = world_size x loader_workers`` streams: stream
+  ``s = rank x loader_workers + worker`` reads picks ``s, s + S, s + 2S, ...``.
+- A pick reads its shard front to back (shuffled choice of shards happens *before* any decode), decodes a
+  window of ``shuffle_buffer`` volumes at a time, and emits ``crops_per_volume`` crops of each, in an order
+  and at offsets drawn from an RNG seeded by ``(seed, i, window)``.
+- A PyTorch DataLoader deals batches from its ``K`` workers in turn, so after ``b`` batches on a rank,
+  (logical) worker ``w`` has produced exactly ``ceil((b - w) / K)`` of them. Resuming skips that many samples per stream:
+  whole picks by the manifest's counts (nothing read), then the members of one shard (read, not decoded).
+
+A corrupt sample or shard is skipped, logged with its shard name and counted (``corrupt`` in the sample's
+metadata is the worker's running count), and the stream goes on. (A corrupt sample upsets exact resume
+only by the samples it would have produced.)
+
+Batch contract: ``crop``: float32 (1, S, S, S) in [0, 1] (HU window ``[hu_min, hu_max]``), ``meta``: dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mim_scale.config import DataConfig
+from mim_scale.errors import UserFacingError
+
+log = logging.getLogger(__name__)
+
+AIR_HU = -1000
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str
+    samples: int
+    datasets: dict[str, int]
+
+
+def load_shard_list(location: str) -> list[ShardInfo]:
+    """Shards of a manifest (a manifest.json path or the folder holding it); URLs resolved against it."""
+    path = Path(location)
+    manifest_path = path / "manifest.json" if path.is_dir() else path
+    if not manifest_path.is_file():
+        raise UserFacingError(f"{manifest_path}: no shard manifest there (build one with `mim-scale shards build`)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserFacingError(f"{manifest_path}: not a valid manifest ({exc})") from exc
+    base = manifest_path.parent
+    shards = []
+    for entry in manifest.get("shards", []):
+        url = str(entry["url"])
+        if "://" not in url and not url.startswith("pipe:") and not Path(url).is_absolute():
+            url = str(base / url)
+        datasets = entry.get("datasets") or {manifest.get("dataset", "default"): entry["samples"]}
+        shards.append(ShardInfo(url=url, samples=int(entry["samples"]), datasets=dict(datasets)))
+    shards = [s for s in shards if s.samples > 0]
+    if not shards:
+        raise UserFacingError(f"{manifest_path}: the manifest lists no non-empty shards")
+    return shards
+
+
+def rewrite_urls(shards: list[ShardInfo], prefix_from: str, prefix_to: str) -> list[ShardInfo]:
+    """Point shard URLs elsewhere (for example local paths -> ``pipe:aws s3 cp s3://bucket/... -``)."""
+    return [dataclasses.replace(s, url=prefix_to + s.url[len(prefix_from):]) if s.url.startswith(prefix_from) else s
+            for s in shards]
+
+
+def shard_weights(shards: list[ShardInfo], mixture: dict[str, float]) -> list[float]:
+    """Pick probability of each shard, so that each dataset gets its mixture share of samples.
+
+    With no mixture every volume is equally likely. With one, dataset ``d`` gets weight ``w_d`` spread over
+    its volumes, so a small collection is neither drowned nor repeated in proportion to a large one.
+    """
+    totals: dict[str, int] = {}
+    for s in shards:
+        for name, n in s.datasets.items():
+            totals[name] = totals.get(name, 0) + n
+    if not mixture:
+        weights = [float(s.samples) for s in shards]
+    else:
+        unknown = sorted(set(mixture) - set(totals))
+        if unknown:
+            raise UserFacingError(f"data.mixture names datasets not in the shards: {', '.join(unknown)} "
+                                  f"(the shards hold: {', '.join(sorted(totals))})")
+        weights = [sum(mixture.get(name, 0.0) * n / totals[name] for name, n in s.datasets.items()) for s in shards]
+    if sum(weights) <= 0:
+        raise UserFacingError("data.mixture gives every shard zero weight")
+    return weights
+
+
+def _rng(*parts: int | str) -> random.Random:
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def decode_volume(sample: dict[str, Any]) -> tuple[np.ndarray, dict]:
+    """A raw WebDataset sample (bytes per extension) -> (int16 volume (D, H, W), metadata)."""
+    from mim_scale.shards.format import decode_sample
+
+    return decode_sample(sample)
+
+
+def crop_window(volume: np.ndarray, size: int, offsets: tuple[float, float, float],
+                hu_min: float, hu_max: float) -> torch.Tensor:
+    """A cubic crop at fractional ``offsets`` in [0, 1), air-padded where the volume is smaller.
+
+    volume: (D, H, W) int16 HU -> (1, size, size, size) float32 in [0, 1].
+    """
+    pads = [max(0, size - n) for n in volume.shape]
+    if any(pads):
+        volume = np.pad(volume, [(p // 2, p - p // 2) for p in pads], constant_values=AIR_HU)
+    starts = [min(int(u * (n - size + 1)), n - size) for u, n in zip(offsets, volume.shape)]
+    patch = volume[starts[0]:starts[0] + size, starts[1]:starts[1] + size, starts[2]:starts[2] + size]
+    crop = torch.from_numpy(np.ascontiguousarray(patch)).float()
+    crop = (crop.clamp_(hu_min, hu_max) - hu_min) / (hu_max - hu_min)
+    return crop.unsqueeze(0)
+
+
+class CropStream(IterableDataset):
+    """Infinite stream of random crops for one training rank (see the module docstring for the order).
+
+    Args:
+        cfg: the ``data`` section of the config.
+        shards: from :func:`load_shard_list`.
+        rank, world_size: this rank's place among the data-parallel ranks.
+        batch_size: the DataLoader's batch size (needed to place each loader worker on resume).
+        batches_consumed: batches this rank already consumed (0 for a fresh start).
+        seed: stream seed (defaults to ``cfg.seed``).
+    """
+
+    def __init__(self, cfg: DataConfig, shards: list[ShardInfo], *, rank: int = 0, world_size: int = 1,
+                 batch_size: int = 1, batches_consumed: int = 0, seed: int | None = None):
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if batch_size < 1 or batches_consumed < 0:
+            raise ValueError("batch_size must be >= 1 and batches_consumed >= 0")
+        self.cfg = cfg
+        self.shards = shards
+        self.weights = shard_weights(shards, cfg.mixture)
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = batch_size
+        self.batches_consumed = batches_consumed
+        self.seed = cfg.seed if seed is None else seed
+
+    # -- order -----------------------------------------------------------------------------------
+    def pick(self, i: int) -> int:
+        """Index of the shard read by pick ``i``."""
+        return _rng(self.seed, "pick", i).choices(range(len(self.shards)), weights=self.weights)[0]
+
+    def _stream_position(self) -> tuple[int, int, int, int]:
+        """(stream id, number of streams, samples to skip, logical worker) of the calling loader worker.
+
+        A fresh DataLoader always asks worker 0 first, so after ``b`` batches loader worker ``w`` plays
+        logical worker ``(w + b) % K``: the one whose turn comes ``w``-th from now.
+        """
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        logical = (worker + self.batches_consumed) % workers
+        stream = self.rank * workers + logical
+        batches = max(0, math.ceil((self.batches_consumed - logical) / workers))
+        return stream, self.world_size * workers, batches * self.batch_size, logical
+
+    def __iter__(self) -> Iterator[dict]:
+        stream, streams, skip, worker = self._stream_position()
+        k = self.cfg.crops_per_volume
+        corrupt = 0
+        t = 0
+        barren = 0  # consecutive picks that produced nothing readable
+        while True:
+            i = stream + streams * t
+            t += 1
+            shard = self.shards[self.pick(i)]
+            produced = shard.samples * k
+            if skip >= produced:  # skip a whole pick by the manifest's count: nothing is read
+                skip -= produced
+                continue
+            produced_any = False
+            for item in self._read_pick(i, shard, skip):
+                if item is None:
+                    corrupt += 1
+                    continue
+                produced_any = True
+                item["meta"]["corrupt"] = corrupt
+                item["meta"]["worker"] = worker
+                yield item
+            skip = 0
+            barren = 0 if produced_any else barren + 1
+            if barren > 4 * len(self.shards) + 8:
+                raise RuntimeError(f"no readable sample in the last {barren} shard reads (of {len(self.shards)} "
+                                   f"shards, {corrupt} corrupt samples skipped): check the shards with "
+                                   "`mim-scale shards verify`")
+
+    def _read_pick(self, i: int, shard: ShardInfo, skip: int = 0) -> Iterator[dict | None]:
+        """Crops of one pick in their seeded order, the first ``skip`` left out without decoding;
+        ``None`` marks a skipped corrupt sample."""
+        k, window = self.cfg.crops_per_volume, self.cfg.shuffle_buffer
+        members = self._members(shard)
+        w = 0
+        while True:
+            raw = []
+            for sample in members:
+                raw.append(sample)
+                if len(raw) == window:
+                    break
+            if not raw:
+                return
+            rng = _rng(self.seed, "window", i, w)
+            w += 1
+            order = [(j, c) for j in range(len(raw)) for c in range(k)]
+            rng.shuffle(order)
+            offsets = {(j, c): (rng.random(), rng.random(), rng.random()) for j, c in sorted(order)}
+            decoded: dict[int, tuple[np.ndarray, dict] | None] = {}
+            for j, c in order:
+                if skip > 0:
+                    skip -= 1
+                    continue
+                if j not in decoded:
+                    decoded[j] = self._decode(raw[j], shard)
+                if decoded[j] is None:
+                    if c == 0:
+                        yield None
+                    continue
+                volume, meta = decoded[j]
+                crop = crop_window(volume, self.cfg.crop_size, offsets[(j, c)], self.cfg.hu_min, self.cfg.hu_max)
+                yield {"crop": crop, "meta": {"key": raw[j].get("__key__", ""), "shard": Path(shard.url).name,
+                                              "dataset": meta.get("dataset", ""), "pick": i, "crop_index": c}}
+            raw.clear()
+
+    def _members(self, shard: ShardInfo) -> Iterator[dict]:
+        try:
+            yield from wds.tarfile_samples([{"url": shard.url}], handler=wds.reraise_exception)
+        except Exception as exc:  # noqa: BLE001 - any read failure of one shard must not stop training
+            log.warning("skipping the rest of shard %s: %s", Path(shard.url).name, exc)
+            yield {"__key__": "__corrupt__", "__error__": str(exc)}
+
+    def _decode(self, sample: dict, shard: ShardInfo) -> tuple[np.ndarray, dict] | None:
+        if "__error__" in sample:
+            return None
+        try:
+            volume, meta = decode_volume(sample)
+            if volume.ndim != 3 or volume.dtype != np.int16:
+                raise ValueError(f"expected a 3-D int16 volume, got {volume.dtype} {volume.shape}")
+            return volume, meta
+        except Exception as exc:  # noqa: BLE001
+            log.warning("skipping corrupt sample %s in shard %s: %s", sample.get("__key__"), Path(shard.url).name, exc)
+            return None
+
+
+def collate(items: list[dict]) -> dict:
+    return {"crop": torch.stack([it["crop"] for it in items]), "meta": [it["meta"] for it in items]}
+
+
+def make_loader(cfg: DataConfig, shards: list[ShardInfo], *, rank: int, world_size: int, batch_size: int,
+                batches_consumed: int = 0, seed: int | None = None) -> DataLoader:
+    """A DataLoader over :class:`CropStream` whose batches are ``{"crop": (B, 1, S, S, S), "meta": [...]}``."""
+    dataset = CropStream(cfg, shards, rank=rank, world_size=world_size, batch_size=batch_size,
+                         batches_consumed=batches_consumed, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers, collate_fn=collate,
+                      persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None)

@@ -1,0 +1,147 @@
+"""Training checkpoints: a DeepSpeed checkpoint directory plus ``state.json``.
+
+Layout of one checkpoint directory (what ``ray.train.report`` persists, or what the local writer renames
+into place)::
+
+    state.json              step, samples/tokens seen, stream position, config, version, restarts
+    mim/                    DeepSpeed's tag folder: model states (rank 0) + ZeRO optimizer shards (every rank)
+    latest                  DeepSpeed's pointer to the tag
+
+``state.json`` is plain JSON: nothing in it is unpickled. Consolidating to fp32 for export goes through
+DeepSpeed's own reader of its own files (those contain pickled Python objects written by this run; only
+checkpoints of runs you trust should be exported: foundation checkpoints handed to others are safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import mim_scale
+
+TAG = "mim"
+STATE_FILE = "state.json"
+STATE_FORMAT = "mim-scale-train-state"
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resume needs."""
+
+    step: int = 0  # optimizer steps completed
+    samples_seen: int = 0  # crops consumed, all ranks together
+    tokens_seen: int = 0  # visible tokens through the encoder, all ranks together
+    world_size: int = 1
+    micro_batch: int = 1
+    grad_accum: int = 1
+    stream_seed: int = 0
+    batches_consumed_per_rank: int = 0  # DataLoader batches each rank consumed on this stream
+    restarts: int = 0
+    losses: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    version: str = mim_scale.__version__
+    format: str = STATE_FORMAT
+    format_version: int = STATE_VERSION
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.micro_batch * self.grad_accum
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def read(cls, ckpt_dir: Path) -> "TrainState":
+        path = Path(ckpt_dir) / STATE_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{path}: not a mim-scale checkpoint (no {STATE_FILE})") from exc
+        if data.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path}: format {data.get('format')!r} is not {STATE_FORMAT!r}")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written file survives)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, ckpt_dir: Path, state: TrainState, rank: int) -> int:
+    """Collective: every rank writes its part of the DeepSpeed checkpoint into ``ckpt_dir``; rank 0 adds
+    ``state.json``. Returns the bytes this rank wrote."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    rng = {"torch": torch.get_rng_state().tolist()}
+    engine.save_checkpoint(str(ckpt_dir), tag=TAG, client_state={"rng": rng, "step": state.step})
+    if rank == 0:
+        write_atomic(ckpt_dir / STATE_FILE, state.to_json())
+    return sum(p.stat().st_size for p in ckpt_dir.rglob("*") if p.is_file())
+
+
+def load(engine, ckpt_dir: Path) -> TrainState:
+    """Restore model, optimizer and scheduler into ``engine``; return the saved :class:`TrainState`."""
+    state = TrainState.read(ckpt_dir)
+    load_path, _client = engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"{ckpt_dir}: DeepSpeed found no checkpoint under tag {TAG!r}")
+    return state
+
+
+def commit_local(tmp_dir: Path, final_dir: Path, keep_last: int) -> None:
+    """For runs outside Ray: rename a finished checkpoint into place and prune old ones."""
+    final_dir = Path(final_dir)
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp_dir, final_dir)
+    siblings = sorted((p for p in final_dir.parent.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
+                      key=lambda p: int(p.name.split("_")[1]))
+    for old in siblings[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints under a run folder (Ray's ``checkpoint_*`` or local ``step_*``), oldest first."""
+    run_dir = Path(run_dir)
+    if (run_dir / STATE_FILE).is_file():
+        return [run_dir]
+    found = [p.parent for p in run_dir.rglob(STATE_FILE) if not p.parent.name.endswith(".tmp")]
+    found = [p for p in found if (p / TAG).is_dir()]
+    return sorted(found, key=lambda p: (TrainState.read(p).step, p.stat().st_mtime))
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    found = find_checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint (a folder with {STATE_FILE} and {TAG}/)")
+    return found[-1]
+
+
+def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The full model state in fp32 from a checkpoint of any ZeRO stage and any worker count."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = TrainState.read(ckpt_dir)
+    stage = int(state.config.get("train", {}).get("zero_stage", 0))
+    if stage == 0:
+        # Without ZeRO (fp32 or bf16 optimizer) the model states file holds the module weights.
+        path = Path(ckpt_dir) / TAG / "mp_rank_00_model_states.pt"
+        blob = torch.load(path, map_location="cpu", weights_only=False)  # our own run's file; see module doc
+        return {k: v.float() for k, v in blob["module"].items()}
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
+    return {k: v.float() for k, v in sd.items()}

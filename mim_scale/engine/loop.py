@@ -1,0 +1,329 @@
+"""The per-worker training loop: stream -> MiM model in a DeepSpeed engine -> metrics and checkpoints.
+
+It runs inside each Ray Train worker (see ``mim_scale.launcher``), or under ``torchrun``/``deepspeed``
+with the process group already described by RANK/WORLD_SIZE/MASTER_ADDR. What differs between those is
+only the :class:`Reporter` (how checkpoints and metrics leave the worker).
+
+Save decisions (every N steps, every M minutes, on SIGTERM) are agreed by all ranks at a step boundary:
+a timer or a signal fires on one rank only, and the save is collective, so each step the ranks
+all-reduce (MAX) a small flag vector before deciding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mim_scale.config import Config
+from mim_scale.engine import checkpoint as ckpt
+from mim_scale.engine.deepspeed_engine import build_engine, init_distributed, input_dtype
+
+log = logging.getLogger("mim_scale.train")
+
+
+class Reporter:
+    """Where a worker sends metrics and checkpoints. The base class keeps checkpoints in a local folder."""
+
+    def __init__(self, run_dir: Path, keep_last: int = 2):
+        self.run_dir = Path(run_dir)
+        self.keep_last = keep_last
+
+    def resume_dir(self) -> Path | None:
+        try:
+            return ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        except FileNotFoundError:
+            return None
+
+    def report(self, metrics: dict[str, Any], ckpt_dir: Path | None, rank: int) -> None:
+        if ckpt_dir is not None and rank == 0:
+            final = self.run_dir / "checkpoints" / f"step_{metrics['step']:09d}"
+            ckpt.commit_local(ckpt_dir, final, self.keep_last)
+
+    def scratch_dir(self, step: int) -> Path:
+        path = self.run_dir / "checkpoints" / f"step_{step:09d}.tmp"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@dataclass
+class StepClock:
+    """Seconds spent waiting for data versus computing, per optimizer step."""
+
+    data_wait: float = 0.0
+    start: float = 0.0
+
+    def begin(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def mask_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """Seed of the masks drawn at (step, micro-step, rank): resume reproduces them with no saved RNG."""
+    digest = hashlib.sha256(f"{seed}/{step}/{micro}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class _StopFlags:
+    """SIGTERM sets a flag (on whichever rank receives it); the ranks agree on it at the next step."""
+
+    def __init__(self):
+        self.sigterm = False
+        try:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:  # not in the main thread (some launchers): no signal-driven save
+            pass
+
+    def _on_sigterm(self, *_):
+        self.sigterm = True
+
+
+def _agree(flags: list[float]) -> list[float]:
+    """Element-wise MAX over ranks (a collective: every rank calls it at the same point)."""
+    t = torch.tensor(flags, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights: Path | None = None,
+                 on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train for ``cfg.train.steps`` optimizer steps, resuming from the reporter's latest checkpoint.
+
+    Returns the last step's metrics. Every rank must call this.
+    """
+    from mim_scale.data.stream import load_shard_list, make_loader
+    from mim_scale.model import build_model, flops_per_sample
+
+    t_start = time.perf_counter()
+    use_gpu = cfg.launch.use_gpu and torch.cuda.is_available()
+    init_distributed(use_gpu)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed)
+
+    model = build_model(cfg)
+    if init_weights is not None:
+        from mim_scale.export import load_encoder_weights
+
+        load_encoder_weights(model.encoder, init_weights)
+    engine, _optimizer, scheduler = build_engine(cfg, model, world)
+
+    state = ckpt.TrainState(world_size=world, micro_batch=cfg.train.micro_batch, grad_accum=cfg.train.grad_accum,
+                            stream_seed=cfg.data.seed, config=cfg.to_dict())
+    resume_from = reporter.resume_dir()
+    if resume_from is not None:
+        saved = ckpt.load(engine, resume_from)
+        state = _continue_state(saved, state, cfg, world)
+        log.info("rank %d resumed from %s at step %d (%d samples seen)", rank, resume_from, state.step,
+                 state.samples_seen)
+
+    metrics = _start_metrics(cfg, run_dir, rank, state.restarts)
+    shards = load_shard_list(cfg.data.shards)
+    loader = make_loader(cfg.data, shards, rank=rank, world_size=world, batch_size=cfg.train.micro_batch,
+                         batches_consumed=state.batches_consumed_per_rank, seed=state.stream_seed)
+    batches = iter(loader)
+    dtype = input_dtype(cfg)
+    flops = flops_per_sample(cfg)
+    stop = _StopFlags()
+    clock = StepClock()
+    last_save_time = time.monotonic()
+    history_path = Path(run_dir) / "history.jsonl"
+    result: dict[str, Any] = {"step": state.step}
+    first_step_logged = False
+    corrupt_seen: dict[int, int] = {}
+
+    while state.step < cfg.train.steps:
+        clock.begin()
+        sums: dict[str, float] = {}
+        volumes = 0
+        tokens = 0
+        for micro in range(cfg.train.grad_accum):
+            t_wait = time.perf_counter()
+            batch = next(batches)
+            clock.data_wait += time.perf_counter() - t_wait
+            for m in batch["meta"]:
+                volumes += m["crop_index"] == 0
+                new = m["corrupt"] - corrupt_seen.get(m["worker"], 0)
+                if new > 0 and metrics is not None:
+                    metrics.record_corrupt_skipped(new, m["shard"])
+                corrupt_seen[m["worker"]] = m["corrupt"]
+            crops = batch["crop"].to(device=device, dtype=dtype, non_blocking=True)
+            generator = torch.Generator(device=device).manual_seed(mask_seed(cfg.train.seed, state.step, micro, rank))
+            out = engine(crops, generator=generator, progress=state.step / cfg.train.steps)
+            engine.backward(out["total"])
+            engine.step()
+            state.batches_consumed_per_rank += 1
+            for key, value in out.items():
+                if torch.is_tensor(value) and value.numel() == 1:
+                    sums[key] = sums.get(key, 0.0) + float(value.detach().float())
+            tokens += int(out.get("tokens", torch.tensor(0)).item()) if "tokens" in out else 0
+        state.step += 1
+        step_samples = cfg.train.micro_batch * cfg.train.grad_accum * world
+        state.samples_seen += step_samples
+        state.tokens_seen += tokens * world
+        losses = {k: v / cfg.train.grad_accum for k, v in sums.items()}
+        step_seconds = clock.elapsed
+        if not first_step_logged:
+            result["time_to_first_step_s"] = time.perf_counter() - t_start
+            first_step_logged = True
+
+        # one collective per step: loss finiteness, time- and signal-driven save requests
+        due_time = cfg.train.checkpoint_minutes > 0 and time.monotonic() - last_save_time >= 60 * cfg.train.checkpoint_minutes
+        agreed = _agree([float(due_time), float(stop.sigterm), float(not all(map(_finite, losses.values())))])
+        save_now = (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) \
+            or agreed[0] > 0 or agreed[1] > 0 or state.step == cfg.train.steps
+        grad_norm = engine.get_global_grad_norm()
+        lr = scheduler.get_last_lr()[0] if scheduler is not None else 0.0
+        peak = _peak_flops(cfg, device)
+        mfu = (flops * cfg.train.micro_batch * cfg.train.grad_accum) / (step_seconds * peak) if peak else None
+        result = {"step": state.step, "samples_seen": state.samples_seen, "lr": lr, "step_seconds": step_seconds,
+                  "data_wait_seconds": clock.data_wait, "grad_norm": _to_float(grad_norm), "mfu": mfu,
+                  "time_to_first_step_s": result.get("time_to_first_step_s"), **losses}
+        if metrics is not None:
+            metrics.record_step(step=state.step, step_seconds=step_seconds, data_wait_seconds=clock.data_wait,
+                                samples=cfg.train.micro_batch * cfg.train.grad_accum,
+                                volumes=volumes,
+                                tokens=tokens, losses={k: v for k, v in losses.items() if k.startswith(("rec_", "align_", "total"))},
+                                lr=lr, grad_norm=_to_float(grad_norm), mfu=mfu,
+                                collapse_std={k: v for k, v in losses.items() if k.startswith("z_std")})
+            metrics.record_device_memory()
+        if rank == 0 and (state.step % cfg.train.log_every == 0 or save_now):
+            with open(history_path, "a") as f:
+                f.write(json.dumps({k: v for k, v in result.items() if v is not None}) + "\n")
+            log.info("step %d/%d total %.4f (%s) %.2fs/step, data wait %.2fs", state.step, cfg.train.steps,
+                     losses.get("total", float("nan")), ", ".join(f"{k} {v:.3f}" for k, v in losses.items()
+                                                                  if k.startswith(("rec", "align"))),
+                     step_seconds, clock.data_wait)
+        if on_step is not None:
+            on_step(result)
+        if agreed[2] > 0:
+            raise FloatingPointError(f"non-finite loss at step {state.step} on some rank: {losses}")
+
+        if save_now:
+            state.losses = {k: v for k, v in losses.items() if _finite(v)}
+            t_save = time.perf_counter()
+            scratch = reporter.scratch_dir(state.step)
+            nbytes = ckpt.save(engine, scratch, state, rank)
+            if rank == 0:
+                _write_pictures(cfg, engine.module, crops, run_dir, state.step, history_path)
+            save_seconds = time.perf_counter() - t_save
+            if metrics is not None:
+                metrics.record_checkpoint(save_seconds, nbytes)
+            reporter.report(result, scratch, rank)
+            last_save_time = time.monotonic()
+            if agreed[1] > 0:
+                log.warning("rank %d: SIGTERM received; checkpoint at step %d saved, stopping", rank, state.step)
+                break
+    if metrics is not None:
+        metrics.close()
+    return result
+
+
+def _continue_state(saved: ckpt.TrainState, fresh: ckpt.TrainState, cfg: Config, world: int) -> ckpt.TrainState:
+    """The state to continue from. Same layout: the stream continues exactly. Another worker count: the
+    global batch must stay the same, and the stream restarts on a new seed at the samples already seen."""
+    saved.restarts += 1
+    saved.config = cfg.to_dict()
+    if saved.world_size == world and saved.micro_batch == cfg.train.micro_batch:
+        return saved
+    new_global = world * cfg.train.micro_batch * cfg.train.grad_accum
+    if new_global != saved.global_batch:
+        raise ValueError(f"resuming on {world} workers changes the global batch from {saved.global_batch} to "
+                         f"{new_global}: set train.grad_accum / train.micro_batch so that workers x micro_batch x "
+                         f"grad_accum = {saved.global_batch}")
+    saved.world_size, saved.micro_batch, saved.grad_accum = world, cfg.train.micro_batch, cfg.train.grad_accum
+    saved.stream_seed = int(mask_seed(saved.stream_seed, saved.samples_seen, 0, 0) % (2**31))
+    saved.batches_consumed_per_rank = 0
+    return saved
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))
+
+
+def _to_float(x) -> float | None:
+    if x is None:
+        return None
+    return float(x.item() if torch.is_tensor(x) else x)
+
+
+def _peak_flops(cfg: Config, device: torch.device) -> float:
+    if cfg.metrics.device_peak_flops > 0:
+        return cfg.metrics.device_peak_flops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16
+        for key, value in table.items():
+            if key in name:
+                return value
+    return 0.0
+
+
+def _start_metrics(cfg: Config, run_dir: Path, rank: int, restarts: int):
+    if not cfg.metrics.enabled:
+        return None
+    from mim_scale.metrics import TrainMetrics, write_file_sd
+
+    port = cfg.metrics.port + rank if cfg.metrics.port else 0
+    run = Path(run_dir).name
+    metrics = TrainMetrics(run, rank, addr=cfg.metrics.addr, port=port)
+    metrics.set_restarts(restarts)
+    targets_dir = Path(cfg.metrics.targets_file) if cfg.metrics.targets_file else Path(run_dir) / "prometheus_targets"
+    targets_dir.mkdir(parents=True, exist_ok=True)
+    host = cfg.metrics.addr if cfg.metrics.addr not in ("0.0.0.0", "") else _hostname()
+    write_file_sd(targets_dir / f"rank-{rank}.json", [f"{host}:{metrics.port}"], {"run": run, "rank": str(rank)})
+    log.info("rank %d serves metrics on http://%s:%d/metrics", rank, host, metrics.port)
+    return metrics
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _write_pictures(cfg: Config, model, crops: torch.Tensor, run_dir: Path, step: int, history_path: Path) -> None:
+    """Reconstruction and loss-curve PNGs beside the run (rank 0, at each checkpoint)."""
+    try:
+        from mim_scale.pictures import save_loss_curves_png, save_reconstruction_png
+    except ImportError:
+        return
+    pictures = Path(run_dir) / "pictures"
+    pictures.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        generator = torch.Generator(device=crops.device).manual_seed(cfg.train.seed)
+        recon = model.reconstruct(crops[:2], generator=generator)
+    model.train(was_training)
+    save_reconstruction_png(recon, pictures / f"reconstruction_step{step:07d}.png")
+    save_reconstruction_png(recon, pictures / "reconstruction_latest.png")
+    if history_path.is_file():
+        history = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+        save_loss_curves_png(history, pictures / "loss_curves.png")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=os.environ.get("MIM_SCALE_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def scratch_root() -> Path:
+    return Path(tempfile.gettempdir())
