@@ -358,10 +358,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ct = args.ct or (Path(os.environ["MIM_SCALE_SAMPLE_DATA"]) / "abdomen_pelvis_ct.nii.gz"
                      if os.environ.get("MIM_SCALE_SAMPLE_DATA") else None)
+    source, source_name = None, "synthetic (no CT file at hand)"
     if ct is not None and Path(ct).exists():
-        source, source_name = load_ct_source(ct), str(ct)
-    else:
-        source, source_name = synthetic_source(), "synthetic (no CT file at hand)"
+        try:
+            source, source_name = load_ct_source(ct), str(ct)
+        except ValueError as exc:  # e.g. no nibabel on a bare GPU machine: still check, on synthetic data
+            source_name = f"synthetic ({exc})"
+    if source is None:
+        source = synthetic_source()
     print(f"parity on {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}), "
           f"source: {source_name}, torch {torch.__version__}", flush=True)
     records = run_all(args.device, source, args.big)
