@@ -251,24 +251,24 @@ class _RayPool:
     def map_ordered(self, items: list[WorkItem], settings: WorkerSettings) -> Iterator[ItemResult]:
         ray = self._ray
         settings_ref = ray.put(settings)
-        pending: dict[Any, WorkItem] = {}
+        pending: dict[Any, int] = {}  # object ref -> position in items
         done: dict[int, ItemResult] = {}
         nxt = 0
         submit = 0
         while nxt < len(items):
             while submit < len(items) and submit - nxt < self.max_in_flight:
-                pending[self._task.remote(items[submit], settings_ref)] = items[submit]
+                pending[self._task.remote(items[submit], settings_ref)] = submit
                 submit += 1
             if nxt not in done:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
-                    it = pending.pop(ref)
+                    pos = pending.pop(ref)
                     try:
-                        done[it.index - items[0].index] = ray.get(ref)
+                        done[pos] = ray.get(ref)
                     except Exception as exc:  # noqa: BLE001 - a crashed worker rejects the item, not the build
-                        done[it.index - items[0].index] = ItemResult(
-                            it.index, it.key, it.dataset, it.source, reason="read_failed", detail=f"worker failed: {type(exc).__name__}"
-                        )
+                        it = items[pos]
+                        done[pos] = ItemResult(it.index, it.key, it.dataset, it.source, reason="read_failed",
+                                               detail=f"worker failed: {type(exc).__name__}")
                 continue
             yield done.pop(nxt)
             nxt += 1
@@ -447,8 +447,17 @@ def build_shards(
         current = None
         checkpoint(next_item, info)
 
+    def results() -> Iterator[ItemResult]:
+        # excluded keys are never built; the rest come back from the pool in plan order
+        built_iter = pool.map_ordered([it for it in todo if it.key not in excl], settings)
+        for it in todo:
+            if it.key in excl:
+                yield ItemResult(it.index, it.key, it.dataset, it.source, reason="excluded", detail="sample key listed in the exclude file")
+            else:
+                yield next(built_iter)
+
     try:
-        for res in pool.map_ordered(todo, settings):
+        for res in results():
             peak_rss = max(peak_rss, res.peak_rss_bytes)
             worker_seconds += res.seconds
             reason, detail = res.reason, res.detail
@@ -457,8 +466,6 @@ def build_shards(
                     reason, detail = "excluded", "listed in the exclude file"
                 elif res.content_sha256 in seen_content:
                     reason, detail = "duplicate_content", f"same voxels as sample {seen_content[res.content_sha256]}"
-            elif res.key in excl:
-                pass  # rejected anyway; the reason stays the more informative one
             if reason is None:
                 sample_bytes = len(res.volume_bytes) + len(res.meta_bytes) + 2048
                 if current is not None and current.samples and current.bytes_written + sample_bytes > cfg.target_shard_bytes:
