@@ -22,6 +22,7 @@ _STAGES = (
     "mim_scale.export",
     "mim_scale.report",
     "mim_scale.finetune.cli",
+    "mim_scale.monitor",
     "mim_scale.bench",
 )
 
