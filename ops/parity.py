@@ -153,7 +153,7 @@ MSE_CASES = [
     MSECase("non_cubic_8x12x16", 2, 1, (8, 12, 16), 4),
     MSECase("p8_32cube", 1, 1, (32, 32, 32), 8),
     MSECase("chunked_c3", 1, 3, (12, 12, 12), 4, max_block=64),
-    MSECase("chunked_tail_p3", 2, 1, (9, 9, 9), 3, max_block=8),
+    MSECase("chunked_tail_p3", 1, 1, (9, 9, 9), 3, max_block=8),
     MSECase("all_masked", 2, 1, (16, 16, 16), 4, mask="all"),
     MSECase("none_masked", 2, 1, (16, 16, 16), 4, mask="none"),
     MSECase("bf16", 2, 1, (16, 16, 16), 4, dtype="bfloat16"),
