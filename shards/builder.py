@@ -144,8 +144,32 @@ def source_key(salt: bytes, dataset: str, kind: str, identity: str) -> str:
     return hmac.new(salt, msg, hashlib.sha256).hexdigest()[:KEY_HEX]
 
 
-def plan_inputs(specs: list[InputSpec], salt: bytes) -> tuple[list[WorkItem], list[RejectRecord]]:
-    """Discover every input -> (work items sorted by key, with their plan index; discovery rejects)."""
+DISCOVER_CHUNK = 512  # files per header-reading task
+
+
+def _discover_all(chunks: list[tuple[list[str], str]], pool: "_InProcess | _RayPool | None") -> tuple[list[dicom.SeriesRef], list[dicom.FileReject]]:
+    """Header-read every chunk (in parallel on the pool) and merge series split across chunks."""
+    parts = pool.map_discover(chunks) if pool is not None else [dicom.discover(f, r) for f, r in chunks]
+    merged: dict[str, dicom.SeriesRef] = {}
+    rejects: list[dicom.FileReject] = []
+    for series, rej in parts:
+        rejects.extend(rej)
+        for s in series:
+            m = merged.setdefault(s.uid, dicom.SeriesRef(uid=s.uid, modality=s.modality))
+            m.files.extend(s.files)
+            m.multiframe = m.multiframe or s.multiframe
+    for m in merged.values():
+        m.files.sort()
+    return sorted(merged.values(), key=lambda s: s.files[0]), rejects
+
+
+def plan_inputs(
+    specs: list[InputSpec], salt: bytes, pool: "_InProcess | _RayPool | None" = None
+) -> tuple[list[WorkItem], list[RejectRecord]]:
+    """Discover every input -> (work items sorted by key, with their plan index; discovery rejects).
+
+    DICOM headers are read in chunks of DISCOVER_CHUNK files, as parallel tasks when ``pool`` is Ray.
+    """
     items: list[WorkItem] = []
     rejects: list[RejectRecord] = []
     seen_keys: dict[str, str] = {}
@@ -170,7 +194,8 @@ def plan_inputs(specs: list[InputSpec], salt: bytes) -> tuple[list[WorkItem], li
         other = [f for f in files if not is_nifti(f)]
         for f in nii:
             add(spec.dataset, "nifti", os.path.relpath(f, base), (f,), f)
-        series, file_rejects = dicom.discover(other, str(base))
+        chunks = [(other[i:i + DISCOVER_CHUNK], str(base)) for i in range(0, len(other), DISCOVER_CHUNK)]
+        series, file_rejects = _discover_all(chunks, pool)
         for r in file_rejects:
             rejects.append(RejectRecord(r.path, r.reason, r.detail, spec.dataset))
         for s in series:
@@ -221,6 +246,9 @@ class _InProcess:
         for it in items:
             yield process_item(it, settings)
 
+    def map_discover(self, chunks: list[tuple[list[str], str]]) -> list:
+        return [dicom.discover(f, r) for f, r in chunks]
+
     def close(self) -> None:
         pass
 
@@ -247,6 +275,12 @@ class _RayPool:
         self.workers = workers or cpus
         self.max_in_flight = max_in_flight or 2 * self.workers
         self._task = ray.remote(num_cpus=1, max_retries=1)(process_item)
+        self._discover = ray.remote(num_cpus=1, max_retries=1)(dicom.discover)
+
+    def map_discover(self, chunks: list[tuple[list[str], str]]) -> list:
+        if len(chunks) <= 1:
+            return [dicom.discover(f, r) for f, r in chunks]
+        return self._ray.get([self._discover.remote(f, r) for f, r in chunks])
 
     def map_ordered(self, items: list[WorkItem], settings: WorkerSettings) -> Iterator[ItemResult]:
         ray = self._ray
@@ -399,13 +433,25 @@ def build_shards(
         metrics.start_server(metrics_port)
 
     salt = _load_salt(private)
-    items, discovery_rejects = plan_inputs(specs, salt)
+    pool: _InProcess | _RayPool = _InProcess() if workers == 0 else _RayPool(workers, address, max_in_flight)
+    try:
+        return _build(specs, out, private, cfg, excl, salt, pool, progress, t0)
+    finally:
+        pool.close()
+
+
+def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, excl: set[str], salt: bytes,
+           pool: "_InProcess | _RayPool", progress: bool, t0: float) -> BuildReport:
+    items, discovery_rejects = plan_inputs(specs, salt, pool)
     fingerprint = _plan_fingerprint(cfg, items, excl)
     journal_path = private / "journal.jsonl"
     shards, records, start = _load_journal(journal_path, fingerprint, out)
     if start == 0:
         shards, records = [], []
         journal_path.write_text(json.dumps({"plan": fingerprint}) + "\n")
+    if start < len(items) or not (out / MANIFEST_NAME).exists():
+        # the old manifest would describe shards that are about to change: nothing may look complete
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
     resumed = start
     log.info("plan: %d volume(s) to build, %d discovery reject(s); resuming at item %d with %d shard(s) done",
              len(items), len(discovery_rejects), start, len(shards))
@@ -414,7 +460,6 @@ def build_shards(
         "private_dir": str(private), "out": str(out)}, indent=1, sort_keys=True).encode())
 
     seen_content = {r["content_sha256"]: r["key"] for r in records if r["reason"] is None and r["content_sha256"]}
-    pool: _InProcess | _RayPool = _InProcess() if workers == 0 else _RayPool(workers, address, max_in_flight)
     settings = cfg.worker_settings()
     todo = items[start:]
     bar = _progress(len(items), start, progress)
@@ -490,7 +535,6 @@ def build_shards(
         raise UserFacingError(f"writing shards to {out} failed: {exc.strerror or exc} (re-run to resume)") from exc
     finally:
         journal.close()
-        pool.close()
         bar.close()
 
     # remove shards of an earlier, longer build in the same folder
