@@ -98,6 +98,10 @@ class SegmentationNet(nn.Module):
         self.out = UnetOutBlock(3, feature_size, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = 2 ** (len(self.widths) + 1)
+        if any(s % factor for s in x.shape[2:]):
+            raise ValueError(f"input size {tuple(x.shape[2:])} must be divisible by {factor} "
+                             f"(the encoder's {len(self.widths)} stride-2 stages and the extra deep stage)")
         feats = list(self.encoder.forward_features(x))
         if len(feats) != len(self.widths):
             raise RuntimeError(f"encoder returned {len(feats)} feature maps, expected {len(self.widths)} (one per stage)")

@@ -153,8 +153,8 @@ def preprocessing_from_meta(meta_pre: dict[str, Any] | None) -> dict[str, Any]:
         return out
     if "orientation" in meta_pre:
         out["orientation"] = str(meta_pre["orientation"])
-    if "spacing" in meta_pre and meta_pre["spacing"] is not None:
-        spacing = meta_pre["spacing"]
+    spacing = meta_pre.get("spacing_mm", meta_pre.get("spacing"))  # export writes spacing_mm
+    if spacing is not None:
         out["spacing"] = [float(spacing)] * 3 if isinstance(spacing, (int, float)) else [float(s) for s in spacing]
     for key in ("hu_min", "hu_max"):
         if key in meta_pre:
