@@ -259,3 +259,12 @@ def test_build_config_is_validated():
         BuildConfig(spacing=0.0)
     with pytest.raises(Exception, match="codec"):
         BuildConfig(codec="zip")
+
+
+def test_bench_prints_the_three_figures(tmp_path):
+    from mim_scale.shards.bench import run_bench
+
+    inp = _nifti_set(tmp_path / "in", 2, shape=(16, 48, 48))
+    text = run_bench([str(inp)], repeat=1, workers=0, work_dir=tmp_path)
+    assert "volumes/min/core" in text and "peak worker memory" in text and "bytes/voxel" in text
+    assert "npy.gz level 1" in text and not list(tmp_path.glob("shards-bench-*"))
