@@ -18,6 +18,7 @@ Outputs:
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import hmac
 import json
@@ -427,17 +428,26 @@ def build_shards(
     except OSError as exc:
         raise UserFacingError(f"cannot create output folders {out} / {private}: {exc}") from exc
     os.chmod(private, 0o700)
-    for stale in out.glob("*" + TMP_SUFFIX):
-        stale.unlink()
     if metrics_port is not None:
         metrics.start_server(metrics_port)
 
-    salt = _load_salt(private)
-    pool: _InProcess | _RayPool = _InProcess() if workers == 0 else _RayPool(workers, address, max_in_flight)
+    lock = open(private / "build.lock", "w")  # noqa: SIM115 - held for the whole build
     try:
-        return _build(specs, out, private, cfg, excl, salt, pool, progress, t0)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        lock.close()
+        raise UserFacingError(f"{out}: another build is writing here (lock {private / 'build.lock'})") from exc
+    try:
+        for stale in out.glob("*" + TMP_SUFFIX):
+            stale.unlink()  # left by a killed build; safe now that the lock is ours
+        salt = _load_salt(private)
+        pool: _InProcess | _RayPool = _InProcess() if workers == 0 else _RayPool(workers, address, max_in_flight)
+        try:
+            return _build(specs, out, private, cfg, excl, salt, pool, progress, t0)
+        finally:
+            pool.close()
     finally:
-        pool.close()
+        lock.close()
 
 
 def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, excl: set[str], salt: bytes,

@@ -268,3 +268,18 @@ def test_bench_prints_the_three_figures(tmp_path):
     text = run_bench([str(inp)], repeat=1, workers=0, work_dir=tmp_path)
     assert "volumes/min/core" in text and "peak worker memory" in text and "bytes/voxel" in text
     assert "npy.gz level 1" in text and not list(tmp_path.glob("shards-bench-*"))
+
+
+def test_a_second_build_into_the_same_folder_is_refused_while_one_runs(tmp_path):
+    import fcntl
+
+    from mim_scale.errors import UserFacingError
+
+    inp = _nifti_set(tmp_path / "in", 1)
+    private = tmp_path / "out.private"
+    private.mkdir()
+    with open(private / "build.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserFacingError, match="another build"):
+            build_shards([str(inp)], tmp_path / "out", workers=0, progress=False)
+    assert build_shards([str(inp)], tmp_path / "out", workers=0, progress=False).num_samples == 1
