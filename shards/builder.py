@@ -28,7 +28,7 @@ import secrets
 import sys
 import time
 from collections import Counter as CountDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -41,7 +41,7 @@ from mim_scale.shards.inputs import InputSpec, parse_inputs
 from mim_scale.shards.nifti import is_nifti
 from mim_scale.shards.rejects import REASONS
 from mim_scale.shards.worker import ItemResult, WorkerSettings, WorkItem, process_item
-from mim_scale.shards.writer import SHARD_PATTERN, TMP_SUFFIX, ShardFile, ShardInfo, sha256_file
+from mim_scale.shards.writer import TMP_SUFFIX, ShardFile, ShardInfo, sha256_file
 
 log = logging.getLogger("mim_scale.shards")
 
@@ -596,9 +596,9 @@ def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, e
         resumed_items=resumed, seconds=seconds, workers=pool.workers, peak_worker_rss_bytes=peak_rss,
         worker_seconds=worker_seconds,
     )
-    log.info("built %d volume(s) into %d shard(s); %d input(s) rejected (%s); private details in %s",
+    log.info("built %d volume(s) into %d shard(s); %d input(s) rejected (%s); details in %s",
              report.num_samples, report.num_shards, len(all_rejects),
-             ", ".join(f"{k}={v}" for k, v in reasons.items()) or "none", "the private dir")
+             ", ".join(f"{k}={v}" for k, v in reasons.items()) or "none", "rejects.jsonl of the private dir")
     return report
 
 

@@ -7,7 +7,6 @@ Values are taken as stored after the header's scl_slope/scl_inter (NIfTI CT is s
 from __future__ import annotations
 
 import gzip
-import io
 import warnings
 from pathlib import Path
 
