@@ -72,7 +72,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     reporter = RayReporter(run_dir)
     try:
         init = Path(loop_config["init"]) if loop_config.get("init") else None
-        run_training(cfg, run_dir=run_dir, reporter=reporter, init_weights=init)
+        run_training(cfg, run_dir=run_dir, reporter=reporter, init_weights=init, fault=loop_config.get("fault"))
     finally:
         reporter.close()
 
@@ -96,7 +96,7 @@ def worker_env(cfg: Config) -> dict[str, str]:
     }
     if not cfg.launch.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("MIM_SCALE_SAMPLE_DATA", "MIM_SCALE_FAULT", "TMPDIR", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    for key in ("MIM_SCALE_SAMPLE_DATA", "TMPDIR", "RAY_AUTH_MODE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                 "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
         if os.environ.get(key):
             env[key] = os.environ[key]
@@ -128,8 +128,12 @@ def storage_root(cfg: Config) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
-def pretrain(cfg: Config, *, init: Path | None = None) -> LaunchResult:
-    """Run (or resume) pre-training for ``cfg`` on Ray; blocks until it ends."""
+def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None) -> LaunchResult:
+    """Run (or resume) pre-training for ``cfg`` on Ray; blocks until it ends.
+
+    ``fault`` injects one failure for drills (``raise:RANK:STEP`` / ``kill:RANK:STEP``, see
+    ``mim_scale.engine.loop.parse_fault``).
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -150,7 +154,8 @@ def pretrain(cfg: Config, *, init: Path | None = None) -> LaunchResult:
             resources["GPU"] = 1
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "init": str(init) if init else None},
+            train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "init": str(init) if init else None,
+                               "fault": fault},
             scaling_config=ScalingConfig(num_workers=cfg.launch.workers, use_gpu=cfg.launch.use_gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if cfg.launch.use_gpu else "gloo"),

@@ -154,6 +154,7 @@ class MetricsConfig:
     port: int = 0  # per-worker port = port + rank; 0 = ephemeral
     targets_file: str = ""  # Prometheus file_sd JSON; "" = <run>/prometheus_targets.json
     device_peak_flops: float = 0.0  # 0 = look up the device; used for MFU
+    linger_seconds: float = 0.0  # keep /metrics up this long after the run ends, for a last scrape
 
 
 @dataclass(frozen=True)
@@ -431,5 +432,6 @@ def validate(cfg: Config) -> None:
     # metrics
     _require(0 <= me.port < 65536, "metrics.port", "must be a TCP port (0 = ephemeral)")
     _require(me.device_peak_flops >= 0, "metrics.device_peak_flops", "must be >= 0")
+    _require(me.linger_seconds >= 0, "metrics.linger_seconds", "must be >= 0")
 
     _choice(cfg.export.dtype, "export.dtype", ("float32", "bfloat16", "float16"))

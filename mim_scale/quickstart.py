@@ -30,7 +30,7 @@ from mim_scale.errors import UserFacingError
 
 
 def run_quickstart(out: Path, *, source: Path | None = None, steps: int = 16, workers: int = 2,
-                   fresh: bool = False, overrides: list[str] | None = None) -> dict[str, Path]:
+                   fresh: bool = False, overrides: list[str] | None = None, fault: str | None = None) -> dict[str, Path]:
     from mim_scale.config import load_config
     from mim_scale.export import export_run, load_encoder
     from mim_scale.launcher.ray_train import pretrain
@@ -63,7 +63,7 @@ def run_quickstart(out: Path, *, source: Path | None = None, steps: int = 16, wo
     cfg = load_config("tiny", [f"data.shards={shards / 'manifest.json'}", f"train.steps={steps}",
                                f"train.checkpoint_every={max(1, steps // 2)}", f"launch.workers={workers}",
                                f"launch.storage={out / 'runs'}", "launch.name=quickstart", *(overrides or [])])
-    result = pretrain(cfg)
+    result = pretrain(cfg, fault=fault)
     if result.error is not None:
         raise UserFacingError(f"pre-training failed (run folder {result.run_dir}): {result.error}")
     run_dir = result.run_dir

@@ -18,3 +18,17 @@ def ct_dir(tmp_path_factory) -> Path:
     from mim_scale.sample_data import ensure_sample_data
 
     return ensure_sample_data(cache_dir=Path(os.environ.get("MIM_SCALE_CACHE", Path.home() / ".cache" / "mim-scale")))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (starting one costs seconds; tests share it)."""
+    import ray
+
+    from mim_scale.config import load_config
+    from mim_scale.launcher.ray_train import ensure_ray
+
+    started = ensure_ray(load_config("tiny", ["launch.ray_num_cpus=2"]))
+    yield ray
+    if started:
+        ray.shutdown()

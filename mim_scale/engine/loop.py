@@ -101,12 +101,39 @@ def _agree(flags: list[float]) -> list[float]:
     return t.tolist()
 
 
+def parse_fault(spec: str | None) -> tuple[str, int, int] | None:
+    """A fault to inject, for failure drills: ``"raise:RANK:STEP"`` or ``"kill:RANK:STEP"``.
+
+    The fault fires once, on the first attempt of the run (before any restart), when that rank
+    starts that step: ``raise`` raises an exception, ``kill`` SIGKILLs the worker process.
+    """
+    if not spec:
+        return None
+    try:
+        action, rank, step = spec.split(":")
+        if action not in ("raise", "kill"):
+            raise ValueError(action)
+        return action, int(rank), int(step)
+    except ValueError as exc:
+        raise ValueError(f"fault spec {spec!r} must look like raise:RANK:STEP or kill:RANK:STEP") from exc
+
+
+def _inject(fault: tuple[str, int, int] | None, rank: int, step: int, restarts: int) -> None:
+    if fault is None or restarts > 0 or (fault[1], fault[2]) != (rank, step):
+        return
+    log.warning("rank %d: injecting fault %r at step %d", rank, fault[0], step)
+    if fault[0] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+
+
 def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights: Path | None = None,
-                 on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
+                 on_step: Callable[[dict], None] | None = None, fault: str | None = None) -> dict[str, Any]:
     """Train for ``cfg.train.steps`` optimizer steps, resuming from the reporter's latest checkpoint.
 
-    Returns the last step's metrics. Every rank must call this.
+    Returns the last step's metrics. Every rank must call this. ``fault``: see :func:`parse_fault`.
     """
+    fault_spec = parse_fault(fault)
     from mim_scale.data.stream import load_shard_list, make_loader
     from mim_scale.model import build_model, flops_per_sample
 
@@ -150,6 +177,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
     corrupt_seen: dict[int, int] = {}
 
     while state.step < cfg.train.steps:
+        _inject(fault_spec, rank, state.step + 1, state.restarts)
         clock.begin()
         sums: dict[str, float] = {}
         volumes = 0
@@ -232,6 +260,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
                 log.warning("rank %d: SIGTERM received; checkpoint at step %d saved, stopping", rank, state.step)
                 break
     if metrics is not None:
+        time.sleep(cfg.metrics.linger_seconds)
         metrics.close()
     return result
 
