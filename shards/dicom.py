@@ -203,19 +203,33 @@ class _Slice:
     pixel_spacing: np.ndarray
     rows: int
     cols: int
-    pixels: np.ndarray  # (rows, cols) float32 HU
+    pixels: _Rescaled  # (rows, cols) stored values + rescale
     source: str
 
 
-def _rescale(pix: np.ndarray, slope: Any, intercept: Any) -> np.ndarray:
-    s = float(slope) if slope not in (None, "") else 1.0
-    b = float(intercept) if intercept not in (None, "") else 0.0
-    out = pix.astype(np.float32)
-    if s != 1.0:
-        out *= np.float32(s)
-    if b != 0.0:
-        out += np.float32(b)
-    return out
+@dataclass
+class _Rescaled:
+    """Stored pixels plus their RescaleSlope/Intercept; HU are computed once, into the stacked volume."""
+
+    raw: np.ndarray
+    slope: float
+    intercept: float
+
+    def into(self, out: np.ndarray) -> None:
+        np.multiply(self.raw, np.float32(self.slope), out=out, casting="unsafe")
+        if self.intercept != 0.0:
+            out += np.float32(self.intercept)
+
+
+def _rescale(pix: np.ndarray, slope: Any, intercept: Any) -> _Rescaled:
+    try:
+        s = float(slope) if slope not in (None, "") else 1.0
+        b = float(intercept) if intercept not in (None, "") else 0.0
+    except (TypeError, ValueError) as exc:
+        raise InputRejected("pixel_decode_failed", f"RescaleSlope/Intercept {slope!r}/{intercept!r} are not numbers") from exc
+    if not (math.isfinite(s) and math.isfinite(b)) or s == 0.0:
+        raise InputRejected("pixel_decode_failed", f"RescaleSlope/Intercept {s}/{b} are unusable")
+    return _Rescaled(pix, s, b)
 
 
 def _pixels(ds: pydicom.Dataset, source: str) -> np.ndarray:
@@ -349,7 +363,9 @@ def assemble(slices: list[_Slice], tol: StackTolerances, source: str) -> Volume:
     tilt = math.degrees(math.acos(min(1.0, cosang)))
     if tilt > tol.tilt_deg:
         raise InputRejected("gantry_tilt", f"slices step {tilt:.2f} deg off the normal", source)
-    arr = np.stack([s.pixels for s in slices], axis=0)
+    arr = np.empty((len(slices), slices[0].rows, slices[0].cols), dtype=np.float32)
+    for k, s in enumerate(slices):
+        s.pixels.into(arr[k])
     dz = float((dist[-1] - dist[0]) / (len(slices) - 1))
     direction = np.stack([row_cos, col_cos, normal], axis=1)
     # PixelSpacing is (row spacing, column spacing) = (H step, W step)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import warnings
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -67,12 +68,19 @@ def load_nifti(path: str, max_voxels: int) -> Volume:
         f.seek(0)
         stream = gzip.GzipFile(fileobj=f) if first == b"\x1f\x8b" else f
         try:
-            raw = stream.read()
+            # read only what the header declares: a gzip bomb after the data is never inflated
+            itemsize = np.dtype(header.get_data_dtype()).itemsize
+            needed = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) * itemsize
+            raw = stream.read(needed)
+            if len(raw) < needed:
+                raise InputRejected("truncated", f"{len(raw)} of {needed} declared bytes", path)
             img = nib.Nifti1Image.from_bytes(raw) if isinstance(header, nib.Nifti1Header) else nib.Nifti2Image.from_bytes(raw)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 data = np.asanyarray(img.dataobj)
-        except (EOFError, gzip.BadGzipFile) as exc:
+        except InputRejected:
+            raise
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise InputRejected("truncated", f"{type(exc).__name__}: {exc}"[:200], path) from exc
         except Exception as exc:  # noqa: BLE001
             msg = str(exc)

@@ -66,6 +66,11 @@ def make_corpus(root: Path) -> tuple[dict[str, str], dict[str, Path]]:
     _edit(loc[0].parent / "scout.dcm", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], ImagePositionPatient=[0, 0, 500])
     bad[str(loc[0].parent / "scout.dcm")] = "localizer"
     good["with_localizer"] = loc[0].parent
+    # a NIfTI followed by 64 MiB of zeros inside its gzip stream (a gzip bomb tail): only the declared
+    # bytes are inflated, the volume is built
+    bomb = nib.Nifti1Image(phantom(SMALL, seed=31).transpose(2, 1, 0).copy(), np.diag([-1.0, -1.0, 2.0, 1.0]))
+    (g / "bomb_tail.nii.gz").write_bytes(gzip.compress(bomb.to_bytes() + bytes(64 << 20), compresslevel=1))
+    good["bomb_tail"] = g / "bomb_tail.nii.gz"
     nometa = _series(g / "no_preamble", seed=9)
     for p in nometa:
         ds = pydicom.dcmread(p)
@@ -312,3 +317,37 @@ def test_unusable_outputs_are_user_facing_errors(tmp_path):
         (tmp_path / "ex.txt").write_text("not-a-hash\n")
         build_shards([str(tmp_path / "in")], tmp_path / "out", exclude=tmp_path / "ex.txt", workers=0, progress=False)
 
+
+
+def test_a_gzip_bomb_tail_is_never_inflated(tmp_path, monkeypatch):
+    from mim_scale.shards.nifti import load_nifti
+
+    vol = phantom(SMALL, seed=31)
+    img = nib.Nifti1Image(vol.transpose(2, 1, 0).copy(), np.diag([-1.0, -1.0, 2.0, 1.0]))
+    path = tmp_path / "bomb.nii.gz"
+    path.write_bytes(gzip.compress(img.to_bytes() + bytes(256 << 20), compresslevel=1))
+    consumed = {"bytes": 0}
+    real_open = fileio.open_input
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            consumed["bytes"] += len(data)
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    monkeypatch.setattr(fileio, "open_input", lambda p: Counting(real_open(p)))
+    out = load_nifti(str(path), max_voxels=1 << 30)
+    assert out.array.shape == SMALL
+    assert consumed["bytes"] < path.stat().st_size // 4
