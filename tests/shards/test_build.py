@@ -283,3 +283,16 @@ def test_a_second_build_into_the_same_folder_is_refused_while_one_runs(tmp_path)
         with pytest.raises(UserFacingError, match="another build"):
             build_shards([str(inp)], tmp_path / "out", workers=0, progress=False)
     assert build_shards([str(inp)], tmp_path / "out", workers=0, progress=False).num_samples == 1
+
+
+@pytest.mark.slow
+def test_scale_build_of_synthetic_dicom_and_nifti_on_ray(tmp_path):
+    """Scale check (outside CI): 32 phantoms, half as DICOM series, built on a 2-CPU Ray cluster."""
+    from mim_scale.shards.synth import write_collection
+
+    write_collection(tmp_path / "dcm", 16, "dicom", shape=(48, 128, 128), seed=500)
+    write_collection(tmp_path / "nii", 16, "nifti", shape=(48, 128, 128), seed=600)
+    rep = build_shards([f"d={tmp_path / 'dcm'}", f"n={tmp_path / 'nii'}"], tmp_path / "out", workers=2,
+                       progress=False, target_shard_bytes=4 << 20)
+    assert rep.num_samples == 32 and rep.rejected == {} and rep.num_shards > 1
+    assert verify_shards(tmp_path / "out").ok
