@@ -117,3 +117,16 @@ def test_prometheus_saw_both_ranks_step_and_restart(quickstart):
     assert set(align) == {"1-2", "2-3"}
     restarts = prom.query("max(max_over_time(mim_restarts_total[5m]))")
     assert float(restarts[0]["value"][1]) >= 1
+
+
+def test_report_regenerates_pictures(quickstart, capsys):
+    from mim_scale.cli import main
+
+    artefacts, _ = quickstart
+    run = artefacts["run"]
+    (run / "pictures" / "loss_curves.png").unlink()
+    assert main(["report", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert f"step {STEPS}" in text and "restarts 1" in text and "rec_l3" in text
+    for name in ("loss_curves.png", "reconstruction_report.png"):
+        assert (run / "pictures" / name).read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,115 @@
+"""``mim-scale report RUN``: a run's summary table, and its pictures regenerated from its last checkpoint.
+
+    mim-scale report quickstart-out/runs/quickstart
+
+Prints steps, samples seen, restarts and the last losses per level, with the loss trend; rewrites
+``RUN/pictures/loss_curves.png`` from ``history.jsonl`` and ``RUN/pictures/reconstruction_report.png`` from
+the latest checkpoint on crops of the run's own shards (levels 1-3: input, masked input, prediction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from mim_scale.errors import UserFacingError
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-step records of a run, the last record of each step kept (a restart repeats steps)."""
+    path = Path(run_dir) / "history.jsonl"
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def summary_rows(history: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """(metric, first, last, change) rows for the losses of a run."""
+    if not history:
+        return []
+    first, last = history[0], history[-1]
+    keys = [k for k in last if k.startswith(("rec_", "align_", "total", "z_std"))]
+    rows = []
+    for key in sorted(keys):
+        a, b = first.get(key), last.get(key)
+        change = f"{(b - a) / a * 100:+.1f}%" if a not in (None, 0) and b is not None else ""
+        rows.append((key, f"{a:.4f}" if a is not None else "-", f"{b:.4f}" if b is not None else "-", change))
+    return rows
+
+
+def reconstruction_from_checkpoint(run_dir: Path, out_png: Path, crops: int = 2) -> Path:
+    import torch
+
+    from mim_scale.config import from_dict
+    from mim_scale.data.stream import load_shard_list, make_loader
+    from mim_scale.engine import checkpoint as ckpt
+    from mim_scale.model import build_model
+    from mim_scale.pictures import save_reconstruction_png
+
+    ckpt_dir = ckpt.latest_checkpoint(run_dir)
+    state = ckpt.TrainState.read(ckpt_dir)
+    cfg = from_dict(state.config).replace({"data.num_workers": 0})
+    model = build_model(cfg)
+    model.load_state_dict(ckpt.consolidated_state_dict(ckpt_dir), strict=True)
+    model.eval()
+    loader = make_loader(cfg.data, load_shard_list(cfg.data.shards), rank=0, world_size=1, batch_size=crops)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        recon = model.reconstruct(batch["crop"], generator=torch.Generator().manual_seed(cfg.train.seed))
+    save_reconstruction_png(recon, out_png, title=f"{Path(run_dir).name} step {state.step}")
+    return out_png
+
+
+def report(run_dir: Path, *, pictures: bool = True) -> dict[str, Any]:
+    from mim_scale.engine import checkpoint as ckpt
+    from mim_scale.pictures import save_loss_curves_png
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserFacingError(f"{run_dir}: no such run folder")
+    history = read_history(run_dir)
+    checkpoints = ckpt.find_checkpoints(run_dir)
+    state = ckpt.TrainState.read(checkpoints[-1]) if checkpoints else None
+    print(f"run {run_dir.name}  ({run_dir})")
+    if state is not None:
+        print(f"  step {state.step}   samples seen {state.samples_seen}   tokens seen {state.tokens_seen}   "
+              f"restarts {state.restarts}   workers {state.world_size}   global batch {state.global_batch}")
+        print(f"  last checkpoint {checkpoints[-1]}  ({len(checkpoints)} kept)")
+    else:
+        print("  no checkpoint yet")
+    rows = summary_rows(history)
+    if rows:
+        print(f"  {'metric':12s} {'first':>10s} {'last':>10s} {'change':>9s}")
+        for row in rows:
+            print(f"  {row[0]:12s} {row[1]:>10s} {row[2]:>10s} {row[3]:>9s}")
+    out: dict[str, Any] = {"history": len(history), "checkpoints": [str(p) for p in checkpoints]}
+    if pictures:
+        pic_dir = run_dir / "pictures"
+        pic_dir.mkdir(exist_ok=True)
+        if history:
+            out["loss_curves"] = save_loss_curves_png(history, pic_dir / "loss_curves.png") or pic_dir / "loss_curves.png"
+            print(f"  loss curves: {out['loss_curves']}")
+        if checkpoints:
+            out["reconstruction"] = reconstruction_from_checkpoint(run_dir, pic_dir / "reconstruction_report.png")
+            print(f"  reconstructions: {out['reconstruction']}")
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    report(Path(args.run), pictures=not args.no_pictures)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="summary table of a run, and its pictures regenerated",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", metavar="RUN_DIR", help="the run folder (STORAGE/NAME)")
+    p.add_argument("--no-pictures", action="store_true", help="print the table only")
+    p.set_defaults(func=_run)
