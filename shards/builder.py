@@ -396,6 +396,7 @@ def build_shards(
     config: BuildConfig | None = None,
     progress: bool = True,
     metrics_port: int | None = None,
+    dataset: str = "default",
 ) -> BuildReport:
     """Build shards from ``inputs`` into ``out`` (see module doc).
 
@@ -405,11 +406,12 @@ def build_shards(
         initialised Ray is reused and left running.
     config: overrides spacing/target_shard_bytes/codec/crop_body when given.
     exclude: content hashes / sample keys, or a file of them (``read_exclude``).
+    dataset: the dataset name of inputs given without ``NAME=``.
     Raises UserFacingError for problems with the build as a whole; bad inputs are rejected, not raised.
     """
     t0 = time.perf_counter()
     cfg = config or BuildConfig(spacing=spacing, target_shard_bytes=target_shard_bytes, codec=codec, crop_body=crop_body)
-    specs = parse_inputs(list(inputs))
+    specs = parse_inputs(list(inputs), default_dataset=dataset)
     out = Path(out).resolve()
     private = Path(private_dir).resolve() if private_dir is not None else out.with_name(out.name + ".private")
     if private == out or out in private.parents:

@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="PATH, NAME=PATH (dataset name), or a .csv/.txt list of 'PATH' or 'NAME,PATH' lines")
     b.add_argument("--out", required=True, type=Path, help="shareable output folder (shards, manifest, report)")
+    b.add_argument("--dataset", default="default", help="dataset name of the inputs given without NAME=")
     b.add_argument("--private-dir", type=Path, default=None, help="private outputs (default: OUT.private beside OUT)")
     b.add_argument("--spacing", type=float, default=1.5, help="isotropic output spacing in mm (default 1.5)")
     b.add_argument("--target-shard-bytes", type=_size, default=1 << 30, help="shard size target, e.g. 1G, 256M")
@@ -88,6 +89,7 @@ def _build(args: argparse.Namespace) -> int:
         args.inputs, args.out, spacing=args.spacing, target_shard_bytes=args.target_shard_bytes,
         private_dir=args.private_dir, workers=args.workers, address=args.address, codec=args.codec,
         crop_body=args.crop_body, exclude=args.exclude, progress=not args.no_progress, metrics_port=args.metrics_port,
+        dataset=args.dataset,
     )
     print(f"{rep.num_samples} volume(s) in {rep.num_shards} shard(s) -> {rep.manifest_path}")
     print(f"rejected: {sum(rep.rejected.values())} {json.dumps(rep.rejected, sort_keys=True)} (details: {rep.private_dir}/rejects.jsonl)")

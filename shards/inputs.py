@@ -44,8 +44,10 @@ def _check(spec: InputSpec) -> InputSpec:
     return spec
 
 
-def parse_inputs(items: list[InputSpec | str | Path]) -> list[InputSpec]:
-    """Normalise the ``inputs`` argument of ``build_shards`` into checked InputSpecs (see module doc)."""
+def parse_inputs(items: list[InputSpec | str | Path], default_dataset: str = "default") -> list[InputSpec]:
+    """Normalise the ``inputs`` argument of ``build_shards`` into checked InputSpecs (see module doc).
+
+    ``default_dataset`` names the inputs given without ``NAME=`` (and list lines without a name)."""
     out: list[InputSpec] = []
     for item in items:
         if isinstance(item, InputSpec):
@@ -58,7 +60,7 @@ def parse_inputs(items: list[InputSpec | str | Path]) -> list[InputSpec]:
             if DATASET_RE.match(name):
                 out.extend(_expand(InputSpec(Path(rest), name)))
                 continue
-        out.extend(_expand(InputSpec(path)))
+        out.extend(_expand(InputSpec(path, default_dataset)))
     if not out:
         raise UserFacingError("no inputs given")
     return out
