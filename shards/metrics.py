@@ -27,8 +27,10 @@ def write_textfile(path: Path) -> None:
     write_to_textfile(str(path), REGISTRY)
 
 
-def start_server(port: int, addr: str = "127.0.0.1") -> None:
-    """Serve /metrics on ``addr:port`` for the life of the process."""
+def start_server(port: int, addr: str = "127.0.0.1") -> int:
+    """Serve /metrics on ``addr:port`` for the life of the process; returns the bound port (``port=0``
+    picks a free one)."""
     from prometheus_client import start_http_server
 
-    start_http_server(port, addr=addr, registry=REGISTRY)
+    server, _thread = start_http_server(port, addr=addr, registry=REGISTRY)
+    return int(server.server_port)

@@ -296,3 +296,15 @@ def test_scale_build_of_synthetic_dicom_and_nifti_on_ray(tmp_path):
                        progress=False, target_shard_bytes=4 << 20)
     assert rep.num_samples == 32 and rep.rejected == {} and rep.num_shards > 1
     assert verify_shards(tmp_path / "out").ok
+
+
+def test_metrics_are_served_over_http_and_progress_shows_throughput(tmp_path, capsys):
+    import urllib.request
+
+    port = metrics.start_server(0)
+    inp = _nifti_set(tmp_path / "in", 2)
+    build_shards([str(inp)], tmp_path / "out", workers=0, progress=True)
+    err = capsys.readouterr().err
+    assert "vol/min" in err and "built=2 rejected=0" in err
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "mim_shards_volumes_built_total" in body and "mim_shards_bytes_written_total" in body
