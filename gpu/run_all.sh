@@ -10,6 +10,8 @@
 #   ops_parity.txt    every Triton kernel vs its torch reference on CUDA, small + full-size cases
 #   ops_bench.txt     kernels vs eager/torch.compile, bandwidth vs peak, end-to-end MiM step
 #   ops_bench.json    the same figures, machine-readable
+#   engine.txt/.json  MiM step time, MFU and peak memory: base (torch) and large (DeepSpeed ZeRO-3)
+#   gpu_tests.txt     pytest -m gpu
 # Extend with more `step NAME SECONDS command...` lines (the lead adds the engine checks here).
 
 set -u
@@ -47,6 +49,17 @@ say "python: $($PY -c 'import sys; print(sys.version.split()[0])' 2>&1)"
 say "torch: $($PY -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1 | tail -n 1)"
 say "triton: $($PY -c 'import triton; print(triton.__version__)' 2>&1 | tail -n 1)"
 say "git: $(git rev-parse --short HEAD 2>/dev/null || echo 'not a git checkout') $(git status --porcelain 2>/dev/null | wc -l) changed paths"
+
+# --- wheels carried from the development machine (DeepSpeed and what it needs that the image lacks):
+# `python3 -m pip download/wheel ... -d .whl` there, `carry: [".whl"]` in the device call.
+if ls .whl/*.whl >/dev/null 2>&1; then
+    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1; then
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        say "wheels: $(ls .whl | tr '\n' ' ')"
+    else
+        say "wheels: install FAILED"
+    fi
+fi
 
 # --- make `mim_scale` (with its package-dir mapping: ops/ -> mim_scale.ops, ...) importable, offline
 importable() { (cd /tmp && $PY -c 'import mim_scale.ops, mim_scale.config' >/dev/null 2>&1); }
@@ -90,8 +103,14 @@ for cand in "${MIM_SCALE_SAMPLE_DATA:-}/abdomen_pelvis_ct.nii.gz" "$REPO/shared/
 done
 
 # --- ops: parity of every kernel on CUDA (compiled), then the benchmark (< 3 minutes on an H100/H200)
-step ops_parity 300 $PY -m mim_scale.ops.parity --device cuda --big ${CT_ARGS[@]+"${CT_ARGS[@]}"}
-step ops_bench 240 $PY -m mim_scale.ops.bench --json "$OUT/ops_bench.json"
+step ops_parity 120 $PY -m mim_scale.ops.parity --device cuda --big ${CT_ARGS[@]+"${CT_ARGS[@]}"}
+step ops_bench 180 $PY -m mim_scale.ops.bench --json "$OUT/ops_bench.json"
+# --- engine: base MiM step (plain torch, bf16 autocast) and a short `large` DeepSpeed ZeRO-3 run: step
+# time, MFU, peak memory (engine.json)
+export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
+step engine 180 $PY gpu/engine_check.py --json "$OUT/engine.json"
+# --- the gpu-marked tests (CUDA paths of the kernels and the metrics)
+step gpu_tests 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/ops
 
 say "failed steps: $FAILED"
 exit "$FAILED"
