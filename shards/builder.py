@@ -578,17 +578,22 @@ def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, e
         "build_config": dataclasses.asdict(cfg),
         "software": _software(),
     }
-    _write_atomic(out / MANIFEST_NAME, manifest_bytes(manifest))
     public_report = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "num_samples": len(built), "num_shards": len(shards),
         "datasets": datasets, "rejected": reasons, "rejected_total": len(all_rejects),
         "reason_descriptions": {k: REASONS[k] for k in reasons},
     }
-    _write_atomic(out / "build_report.json", (json.dumps(public_report, indent=1, sort_keys=True) + "\n").encode())
-    _write_atomic(private / "rejects.jsonl", _jsonl(all_rejects))
-    _write_atomic(private / "linkage.jsonl", _jsonl([
-        {"key": r["key"], "source": r["source"], "dataset": r["dataset"], "content_sha256": r["content_sha256"]} for r in built
-    ]))
+    try:
+        _write_atomic(private / "rejects.jsonl", _jsonl(all_rejects))
+        _write_atomic(private / "linkage.jsonl", _jsonl([
+            {"key": r["key"], "source": r["source"], "dataset": r["dataset"], "content_sha256": r["content_sha256"]}
+            for r in built
+        ]))
+        _write_atomic(out / "build_report.json", (json.dumps(public_report, indent=1, sort_keys=True) + "\n").encode())
+        # the manifest goes last: its presence means the whole set is complete
+        _write_atomic(out / MANIFEST_NAME, manifest_bytes(manifest))
+    except OSError as exc:
+        raise UserFacingError(f"writing the manifest and reports failed: {exc.strerror or exc} (re-run to finish)") from exc
     metrics.write_textfile(private / "metrics.prom")
     seconds = time.perf_counter() - t0
     report = BuildReport(
