@@ -1,0 +1,199 @@
+"""Benchmark one MiM training step: step time and peak memory, beside the published code's cost.
+
+A step is forward + backward + AdamW on ``--batch`` crops of the config's crop size (192^3 at
+``base``: 21 masked 96^3 views per crop). Each measured variant runs in its own subprocess, so
+its peak RSS (``ru_maxrss``) is its own; on CUDA the peak allocated device memory is reported too.
+
+    python -m mim_scale.model.bench --size base --precision bf16
+    python -m mim_scale.model.bench --size tiny --compare-batching       # bucket / pad / level side by side
+    python -m mim_scale.model.bench --size large --analytic              # parameter + activation memory only
+
+The reference figures (the published code's ``base`` step on a 2-core CPU machine, one crop)
+are printed beside ours with the ratio: 69.4 s / 21.6 GiB fp32, 48.4 s / 12.1 GiB bf16 autocast.
+Timings on a shared machine are noisy: quote them with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from mim_scale.config import load_config
+from mim_scale.model.flops import flops_per_sample, level_plan
+from mim_scale.model.mim import TOKEN_BATCHING, build_model
+from mim_scale.model.optim import param_groups
+
+REFERENCE = {"fp32": (69.4, 21.6), "bf16": (48.4, 12.1)}  # seconds, GiB: base, 1 crop, 2-core CPU
+
+
+def analytic_memory(cfg, precision: str = "bf16", batch: int = 1) -> dict[str, float]:
+    """Estimated bytes: parameters + grads + AdamW state (fp32 master), and saved activations.
+
+    Activations count what autograd keeps per layer (inputs of norms, linears, convs, GELU and
+    the mask product; attention as its q, k, v and output) for ``batch`` crops; with activation
+    checkpointing only each block's input is kept, plus one block's activations during recompute.
+    An estimate to size hardware, not a measurement.
+    """
+    from mim_scale.model.mim import MiMModel
+
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in MiMModel(cfg).parameters())
+    act_bytes = 2 if precision in ("bf16", "fp16") else 4
+    m = cfg.model
+    plan = level_plan(cfg)
+    views = batch * sum(nv for _, nv, _ in plan)
+    ckpt = m.activation_checkpointing
+    total, largest_block = 0.0, 0.0
+    for i, w in enumerate(m.widths[:-1]):
+        pos = views * (m.view_size // 2 ** (i + 1)) ** 3
+        hidden = int(w * m.mlp_ratio)
+        per_block = pos * (7 * w + 2 * hidden) * act_bytes  # norm1, pw1, mask, dw, pw2, norm2, fc1 in/out, gelu
+        largest_block = max(largest_block, per_block)
+        total += pos * 3 * w * act_bytes  # patch embedding: conv out, norm, gelu
+        total += m.conv_depths[i] * (pos * w * act_bytes if ckpt else per_block)
+    e, d = m.embed_dim, m.decoder_dim
+    for depth, dim, tokens in ((m.encoder_depth, e, sum(batch * nv * k for _, nv, k in plan)),
+                               (m.decoder_depth, d, views * m.num_tokens)):
+        per_block = tokens * (9 * dim + 2 * int(dim * m.mlp_ratio)) * act_bytes
+        largest_block = max(largest_block, per_block)
+        total += depth * (tokens * dim * act_bytes if ckpt else per_block)
+    total += views * m.num_tokens * m.patch_size**3 * m.in_channels * 4 * 3  # pred, target, diff (fp32)
+    if ckpt:
+        total += largest_block
+    return {"params": float(n_params), "param_grad_adam_bytes": 16.0 * n_params, "activation_bytes": total}
+
+
+def _make_crops(cfg, batch: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    s = cfg.data.crop_size
+    # smooth random structure in [0, 1], like windowed CT: a noisy blend of a few blobs
+    base = torch.rand(batch, 1, s // 16, s // 16, s // 16, generator=g)
+    x = torch.nn.functional.interpolate(base, size=(s, s, s), mode="trilinear", align_corners=False)
+    x = (x + 0.02 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    return x.to(device)
+
+
+def measure(size: str, precision: str, batching: str, steps: int, warmup: int, batch: int, device: str,
+            overrides: list[str], compile_model: bool) -> dict:
+    """Run ``warmup + steps`` training steps in this process; return timings and peaks."""
+    cfg = load_config(size, overrides)
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = build_model(cfg, token_batching=batching).to(dev)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    crops = _make_crops(cfg, batch, dev)
+    fwd = torch.compile(model) if compile_model else model
+    gen = torch.Generator(device=dev).manual_seed(0)
+    use_amp = precision == "bf16"
+    times = []
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = fwd(crops, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        out["total"].backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    result = {
+        "size": size, "precision": precision, "batching": batching, "batch": batch, "device": device,
+        "threads": torch.get_num_threads(), "overrides": overrides, "compile": compile_model,
+        "activation_checkpointing": cfg.model.activation_checkpointing,
+        "step_seconds": min(times), "step_seconds_all": times,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "flops_per_step": flops_per_sample(cfg) * batch,
+        "loss": float(out["total"].detach()),
+    }
+    if dev.type == "cuda":
+        result["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def _run_child(args: argparse.Namespace, batching: str, overrides: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "mim_scale.model.bench", "--child", "--size", args.size, "--precision", args.precision,
+           "--batching", batching, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+           "--device", args.device]
+    for o in overrides:
+        cmd += ["--set", o]
+    if args.compile:
+        cmd.append("--compile")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        raise SystemExit(f"bench child failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _report(r: dict) -> str:
+    line = (f"{r['size']} {r['precision']} batching={r['batching']} ckpt={r['activation_checkpointing']} "
+            f"compile={r['compile']} batch={r['batch']} threads={r['threads']} device={r['device']}: "
+            f"step {r['step_seconds']:.2f} s (all {', '.join(f'{t:.2f}' for t in r['step_seconds_all'])}), "
+            f"peak RSS {r['peak_rss_gib']:.2f} GiB")
+    if "peak_cuda_gib" in r:
+        line += f", peak CUDA {r['peak_cuda_gib']:.2f} GiB"
+    line += f", {r['flops_per_step'] / r['step_seconds'] / 1e9:.1f} GFLOP/s"
+    if r["size"] == "base" and r["batch"] == 1 and r["device"] == "cpu" and r["precision"] in REFERENCE:
+        ref_s, ref_gib = REFERENCE[r["precision"]]
+        line += (f"\n  vs published code ({ref_s} s, {ref_gib} GiB, measured on another 2-core machine): "
+                 f"{ref_s / r['step_seconds']:.2f}x faster, {r['peak_rss_gib'] / ref_gib:.2f}x the peak memory")
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mim_scale.model.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="base", help="shipped config name or file")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    ap.add_argument("--batching", choices=TOKEN_BATCHING, default="bucket")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1, help="crops per step")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--checkpointing", choices=("config", "on", "off"), default="config",
+                    help="activation checkpointing: as the config says, or forced on/off")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
+    ap.add_argument("--compare-batching", action="store_true", help="measure bucket, pad and level side by side")
+    ap.add_argument("--analytic", action="store_true", help="print analytic memory and FLOPs only; run nothing")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.checkpointing != "config":
+        overrides.append(f"model.activation_checkpointing={'true' if args.checkpointing == 'on' else 'false'}")
+
+    if args.child:
+        print(json.dumps(measure(args.size, args.precision, args.batching, args.steps, args.warmup, args.batch,
+                                 args.device, overrides, args.compile)))
+        return 0
+    cfg = load_config(args.size, overrides)
+    mem = analytic_memory(cfg, args.precision, args.batch)
+    print(f"{args.size}: {mem['params'] / 1e6:.1f}M parameters; params+grads+AdamW {mem['param_grad_adam_bytes'] / 2**30:.2f} GiB; "
+          f"activations ~{mem['activation_bytes'] / 2**30:.2f} GiB ({args.precision}, batch {args.batch}, "
+          f"checkpointing {cfg.model.activation_checkpointing}); {flops_per_sample(cfg) / 1e12:.3f} TFLOP per crop")
+    if args.analytic:
+        return 0
+    modes = TOKEN_BATCHING if args.compare_batching else (args.batching,)
+    results = [_run_child(args, mode, overrides) for mode in modes]
+    for r in results:
+        print(_report(r))
+    if len(results) > 1:
+        ref = results[-1]  # "level": per-level calls, as the published code batches
+        for r in results[:-1]:
+            print(f"  {r['batching']} vs level: {ref['step_seconds'] / r['step_seconds']:.2f}x faster, "
+                  f"{r['peak_rss_gib'] / ref['peak_rss_gib']:.2f}x the peak RSS")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

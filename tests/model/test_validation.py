@@ -1,0 +1,112 @@
+"""The fixed validation set, per-level validation losses and the MiM-vs-MAE harness."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mim_scale.config import load_config
+from mim_scale.errors import UserFacingError
+from mim_scale.model import build_model, flops_per_sample
+from mim_scale.model.compare import compare_mim_mae, main as compare_main
+from mim_scale.model.validation import (ValidationSet, build_validation_set, load_ct_hu, mae_task_loss, random_crops,
+                                        select_draw, validation_losses)
+from mim_scale.model.views import make_views
+
+
+@pytest.fixture(scope="module")
+def volume(ct_dir):
+    return load_ct_hu(ct_dir / "abdomen_pelvis_ct.nii.gz")
+
+
+def test_random_crops_window_and_pad(volume):
+    crops = random_crops(volume, 64, 3, np.random.default_rng(0))
+    assert crops.shape == (3, 1, 64, 64, 64) and crops.dtype == torch.float32
+    assert 0.0 <= float(crops.min()) and float(crops.max()) <= 1.0
+    assert float(crops.std()) > 0.05  # real anatomy, not a constant
+    big = random_crops(volume, 128, 1, np.random.default_rng(0))  # larger than the 101-voxel axis
+    assert big.shape == (1, 1, 128, 128, 128)
+    assert torch.all(big[0, 0, :, 101:, :] == 0.0)  # padded with air (-1000 HU -> 0)
+
+
+def test_saved_set_round_trips_and_scores_the_same(volume, tmp_path):
+    cfg = load_config("tiny")
+    vset = build_validation_set([volume], cfg, 3, seed=7)
+    path = vset.save(tmp_path / "val.safetensors")
+    again = ValidationSet.load(path, cfg)
+    assert torch.equal(again.crops, vset.crops)
+    for a, b in ((vset.draw, again.draw), (vset.draw_mae, again.draw_mae)):
+        assert a.tensors().keys() == b.tensors().keys()
+        assert all(torch.equal(a.tensors()[k], b.tensors()[k]) for k in a.tensors())
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    first = validation_losses(model, vset, batch_size=2)
+    second = validation_losses(model, again, batch_size=1)
+    assert set(first) == {"val_rec_l1", "val_rec_l2", "val_rec_l3", "val_align_12", "val_align_23", "val_total"}
+    for key in first:
+        assert first[key] == pytest.approx(second[key], rel=1e-5)
+    assert mae_task_loss(model, vset) == pytest.approx(mae_task_loss(model, again), rel=1e-6)
+    # a different seed draws different crops
+    other = build_validation_set([volume], cfg, 3, seed=8)
+    assert not torch.equal(other.crops, vset.crops)
+
+
+def test_select_draw_matches_a_per_crop_draw(volume):
+    cfg = load_config("tiny")
+    vset = build_validation_set([volume], cfg, 3, seed=1)
+    whole = make_views(vset.crops, cfg.model, cfg.masking, draw=vset.draw)
+    part = make_views(vset.crops[1:3], cfg.model, cfg.masking, draw=select_draw(vset.draw, 1, 3))
+    for lw, lp in zip(whole, part):
+        rows = (lw.crop_index >= 1).nonzero().flatten()
+        assert torch.equal(lw.x[rows], lp.x) and torch.equal(lw.ids_keep[rows], lp.ids_keep)
+
+
+def test_bad_validation_files_are_named(volume, tmp_path):
+    cfg = load_config("tiny")
+    with pytest.raises(UserFacingError, match="no such validation set file"):
+        ValidationSet.load(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserFacingError, match="junk.safetensors"):
+        ValidationSet.load(junk)
+    path = build_validation_set([volume], cfg, 1).save(tmp_path / "v.safetensors")
+    with pytest.raises(UserFacingError, match="masking"):
+        ValidationSet.load(path, load_config("tiny", ["masking.level2_ratio=0.5"]))
+    with pytest.raises(UserFacingError, match="no such CT file"):
+        load_ct_hu(tmp_path / "nope.nii.gz")
+
+
+def test_compare_harness_spends_equal_flops(volume, tmp_path):
+    cfg = load_config("tiny")
+    logs = []
+    report = compare_mim_mae(cfg, [volume], mim_steps=2, batch=1, val_crops=2, seed=0, log=logs.append)
+    mim, mae = report["mim"], report["mae"]
+    assert mim["steps"] == 2
+    per_mae_step = flops_per_sample(cfg.replace({"masking.levels": 1}))
+    assert abs(mae["flops"] - mim["flops"]) <= per_mae_step  # equal budget, to within one MAE step
+    assert mae["steps"] > 10 * mim["steps"]  # a MiM sample is ~20 views
+    for entry in (mim, mae):
+        assert np.isfinite(entry["mae_task_val_loss"])
+        assert entry["mae_task_val_loss"] != entry["mae_task_val_loss_before"]  # training moved it
+    assert "val_rec_l3" in mim and "val_rec_l1" not in mae
+    assert report["mim_minus_mae"] == pytest.approx(mim["mae_task_val_loss"] - mae["mae_task_val_loss"])
+    assert len(logs) == 3
+    with pytest.raises(UserFacingError, match="already plain MAE"):
+        compare_mim_mae(load_config("tiny", ["masking.levels=1"]), [volume], mim_steps=1)
+
+
+def test_compare_command_line(ct_dir, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    rc = compare_main(["--config", "tiny", "--ct", str(ct_dir / "abdomen_pelvis_ct.nii.gz"), "--mim-steps", "1",
+                       "--batch", "1", "--val-crops", "1", "--save-valset", str(tmp_path / "v.safetensors"),
+                       "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["mim"]["steps"] == 1 and report["mae"]["steps"] >= 1
+    assert (tmp_path / "v.safetensors").is_file()
+    rc = compare_main(["--config", "tiny", "--ct", str(tmp_path / "missing.nii.gz")])
+    assert rc == 2
+    assert "missing.nii.gz" in capsys.readouterr().err
