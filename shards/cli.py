@@ -139,12 +139,20 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mim_scale.shards.cli ...``: the ``shards`` subcommands alone (same behaviour as
+    ``mim-scale shards ...``, without importing the other stages)."""
     parser = argparse.ArgumentParser(prog="mim-scale")
-    register(parser.add_subparsers(dest="command"))
-    ns = parser.parse_args()
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    register(sub)
+    args = parser.parse_args(argv)
     try:
-        sys.exit(ns.func(ns))
+        return int(args.func(args) or 0)
     except UserFacingError as exc:
-        print(f"mim-scale shards: {exc}", file=sys.stderr)
-        sys.exit(2)
+        print(f"mim-scale {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

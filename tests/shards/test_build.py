@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from mim_scale.cli import main as cli_main
 from mim_scale.shards import metrics
 from mim_scale.shards.builder import BuildConfig, build_shards
+from mim_scale.shards.cli import main as cli_main
 from mim_scale.shards.dicom import StackTolerances, load_series
 from mim_scale.shards.format import decode_sample, read_manifest
 from mim_scale.shards.synth import phantom, write_dicom_series, write_nifti
@@ -143,7 +143,7 @@ def test_rerun_skips_completed_work_and_gives_an_identical_manifest(tmp_path):
 def test_kill_minus_9_mid_build_then_rerun_gives_a_complete_valid_set(tmp_path):
     inp = _nifti_set(tmp_path / "in", 24, shape=(24, 96, 96), seed=300)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "mim_scale.cli", "shards", "build", f"k={inp}", "--out", str(out), "--workers", "0",
+    cmd = [sys.executable, "-m", "mim_scale.shards.cli", "shards", "build", f"k={inp}", "--out", str(out), "--workers", "0",
            "--no-progress", "--target-shard-bytes", "60000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -308,3 +308,12 @@ def test_metrics_are_served_over_http_and_progress_shows_throughput(tmp_path, ca
     assert "vol/min" in err and "built=2 rejected=0" in err
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert "mim_shards_volumes_built_total" in body and "mim_shards_bytes_written_total" in body
+
+
+def test_the_project_cli_lists_the_shards_subcommands(capsys):
+    from mim_scale.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["shards", "--help"])
+    out = capsys.readouterr().out
+    assert all(cmd in out for cmd in ("build", "verify", "inspect", "synth", "bench"))
