@@ -71,7 +71,7 @@ def time_plain(size: str, steps: int, batch: int) -> dict:
             "crops_per_s": batch / step, "flops_per_crop": flops_per_sample(cfg),
             "mfu": flops / step / peak_flops() if peak_flops() else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "loss": float(out["total"]), "params": sum(p.numel() for p in model.parameters())}
+            "loss": float(out["total"].detach()), "params": sum(p.numel() for p in model.parameters())}
 
 
 def time_deepspeed(size: str, steps: int, batch: int, zero: int) -> dict:
@@ -81,6 +81,9 @@ def time_deepspeed(size: str, steps: int, batch: int, zero: int) -> dict:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29512")
+    # DeepSpeed's op builder cannot parse arch names such as "9.0a"; name the plain arch for its JIT build
+    major, minor = torch.cuda.get_device_capability()
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
     from mim_scale.config import load_config
     from mim_scale.engine.deepspeed_engine import build_engine, init_distributed
     from mim_scale.model import build_model, flops_per_sample
@@ -113,6 +116,35 @@ def time_deepspeed(size: str, steps: int, batch: int, zero: int) -> dict:
             "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())}
 
 
+def profile_plain(size: str, batch: int, top: int = 20) -> dict:
+    """The CUDA kernels that take a base step's time (torch profiler, one step after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mim_scale.config import load_config
+    from mim_scale.model import build_model
+
+    cfg = load_config(size)
+    model = build_model(cfg).cuda()
+    crops = phantom_crops(batch, cfg.data.crop_size, "cuda")
+
+    def step(i):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(crops, generator=torch.Generator(device="cuda").manual_seed(i))
+        out["total"].backward()
+        model.zero_grad(set_to_none=True)
+
+    step(0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        step(1)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
+    print(table)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]
+    return {"size": size, "mode": "profile", "batch": batch,
+            "top_cuda_ms": [(e.key[:80], round(e.device_time_total / 1e3, 2), e.count) for e in rows]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=["base", "large"], default=None)
@@ -141,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             record(time_plain, "base", args.steps, batch)
     if args.only in (None, "large"):
         record(time_deepspeed, "large", args.steps, 2, 3)
+    if args.only in (None, "base"):
+        record(profile_plain, "base", 1)
     return 0 if all("error" not in r for r in results["runs"]) else 1
 
 
