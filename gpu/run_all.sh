@@ -97,6 +97,10 @@ rm -f "$OUT/.pip.log"
 
 # The real sample CT, if the caller brought one (MIM_SCALE_SAMPLE_DATA or a checkout-local shared/ copy);
 # otherwise the parity check cuts its crops from a synthetic volume and says so.
+# A carried copy: `cp -r SAMPLE_CT .sample-ct` here (git-ignored), `carry: [".sample-ct"]` in the call.
+if [ -z "${MIM_SCALE_SAMPLE_DATA:-}" ] && [ -d "$REPO/.sample-ct/abdomen_dicom" ]; then
+    export MIM_SCALE_SAMPLE_DATA=$REPO/.sample-ct
+fi
 CT_ARGS=()
 for cand in "${MIM_SCALE_SAMPLE_DATA:-}/abdomen_pelvis_ct.nii.gz" "$REPO/shared/data/ct/abdomen_pelvis_ct.nii.gz"; do
     if [ -f "$cand" ]; then CT_ARGS=(--ct "$cand"); break; fi
