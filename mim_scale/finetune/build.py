@@ -42,7 +42,8 @@ def model_config_from_meta(meta: dict[str, Any], where: str) -> ModelConfig:
 
 def resolve_init(init: str, model_config: str | ModelConfig | None = None) -> EncoderInit:
     """``init`` = ``"scratch"`` (architecture from ``model_config``: a shipped name, a file, or a
-    ModelConfig) or an exported encoder (a folder or a single safetensors file) loaded strictly."""
+    ModelConfig) or an exported encoder loaded with strict key matching: an export folder, or a
+    single safetensors file (its architecture from a ``config.json`` beside it, else ``model_config``)."""
     from mim_scale.model.encoder import build_encoder
 
     if init == "scratch":
@@ -58,8 +59,14 @@ def resolve_init(init: str, model_config: str | ModelConfig | None = None) -> En
         from mim_scale.export import load_encoder
     except ModuleNotFoundError as exc:
         raise UserFacingError(f"--init {init}: the export stage (mim_scale.export) is not installed") from exc
-    encoder, meta = load_encoder(path)
-    cfg = model_config_from_meta(meta, str(path))
+    folder = path if path.is_dir() else path.parent
+    if (folder / "config.json").is_file() or model_config is None:
+        encoder, meta = load_encoder(path)
+        cfg = model_config_from_meta(meta, str(path))
+    else:
+        # a lone safetensors file: the architecture comes from --model
+        cfg = model_config if isinstance(model_config, ModelConfig) else load_config(model_config).model
+        encoder, meta = load_encoder(path, model_cfg=cfg)
     return EncoderInit(encoder, cfg, str(path.resolve()), meta)
 
 

@@ -105,7 +105,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def _write_json(path: Path, tree: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(tree, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(tree, indent=2))  # key order matters: class order = channel order
     tmp.replace(path)
 
 

@@ -267,12 +267,21 @@ class TrainSampler:
         self.recipe = recipe
         self.seg = recipe.task == "segmentation"
         self.transform = random_transforms(recipe, roi)
+        self.by_class: list[np.ndarray] = []
+        if not self.seg and recipe.train.balanced_sampling:
+            labels = np.array([int(c["label"]) for c in cached])
+            self.by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         seed = self.recipe.train.seed
         rng = np.random.default_rng([seed, step])
         self.transform.set_random_state(seed=int(rng.integers(0, 2**31 - 1)))
-        picks = rng.integers(0, len(self.cached), size=self.recipe.train.batch_size)
+        size = self.recipe.train.batch_size
+        if self.by_class:
+            classes = rng.integers(0, len(self.by_class), size=size)
+            picks = [self.by_class[c][rng.integers(0, len(self.by_class[c]))] for c in classes]
+        else:
+            picks = rng.integers(0, len(self.cached), size=size)
         images, labels = [], []
         for idx in picks:
             sample = self.transform(self.cached[int(idx)])

@@ -100,7 +100,7 @@ def compare_inits(data: str | Path, inits: list[str], out_dir: str | Path, repor
     if pretrained:
         from mim_scale.finetune.build import resolve_init
 
-        first = resolve_init(pretrained[0])
+        first = resolve_init(pretrained[0], model_config)
     elif model_config is None:
         raise UserFacingError("evaluate with only --init scratch needs --model")
     # resolve the recipe once, so every run (scratch included) gets the same preprocessing and budget:
@@ -115,7 +115,7 @@ def compare_inits(data: str | Path, inits: list[str], out_dir: str | Path, repor
         run_dir = out_dir / _slug(label)
         log(f"== {label}: fine-tuning into {run_dir}")
         summary = finetune(data, init, run_dir, recipe=rec,
-                           model_config=scratch_model if init == "scratch" else None, log=log)
+                           model_config=scratch_model if init == "scratch" else model_config, log=log)
         runs[label] = {"init": summary["init"], "pretrained": summary["pretrained"], "steps": summary["steps"],
                        "samples_seen": summary["samples_seen"], "seconds": summary["seconds"],
                        "validation": summary["validation"], "run_dir": str(run_dir.resolve())}

@@ -63,6 +63,7 @@ class TrainRecipe:
     layer_decay: float = 1.0  # layer-wise lr decay of the encoder; 1.0 disables it
     grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 0
+    balanced_sampling: bool = False  # classification: draw each class equally often
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0 = only the final checkpoint
     keep_last: int = 2

@@ -70,8 +70,10 @@ def classification_metrics(model: nn.Module, items: list[dict[str, Any]], names:
     for c, name in enumerate(names):
         sel = labels == c
         recall[name] = float((pred[sel] == c).float().mean()) if sel.any() else None
+    present = [v for v in recall.values() if v is not None]
     out: dict[str, Any] = {
         "accuracy": float((pred == labels).float().mean()),
+        "balanced_accuracy": sum(present) / len(present),
         "per_class_recall": recall,
         "loss": float(F.cross_entropy(logits, labels)),
         "n": len(items),
