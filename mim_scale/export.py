@@ -21,7 +21,6 @@ Loading never unpickles: ``load_encoder(DIR or FILE)`` reads safetensors and JSO
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import mim_scale
 from mim_scale.config import ModelConfig, from_dict
 from mim_scale.errors import UserFacingError
+from mim_scale.fileutil import sha256_file
 
 SCHEMA_VERSION = 1
 ENCODER_FILE = "encoder.safetensors"
@@ -39,14 +39,6 @@ FULL_FILE = "mim_full.safetensors"
 CONFIG_FILE = "config.json"
 ENCODER_PREFIX = "encoder."
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _shard_summary(shards: str) -> dict[str, Any]:
@@ -121,7 +113,7 @@ def export_run(run: Path, out: Path, *, dtype: str = "float32", full_state: bool
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     (out / "README.md").write_text(_model_card(config))
     files = sorted(p for p in out.iterdir() if p.is_file() and p.name != "SHA256SUMS")
-    (out / "SHA256SUMS").write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in files))
+    (out / "SHA256SUMS").write_text("".join(f"{sha256_file(p)}  {p.name}\n" for p in files))
     return out
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from mim_scale.errors import UserFacingError
+from mim_scale.fileutil import sha256_file
 
 ENV_VAR = "MIM_SCALE_SAMPLE_DATA"
 ARCHIVE_NAME = "totalsegmentator-2.18.0.tar.gz"
@@ -107,14 +107,6 @@ def _install(tmp: Path, dest: Path) -> None:
         shutil.rmtree(tmp)
     else:
         tmp.rename(dest)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fetch_from_index(dest: Path) -> None:
