@@ -6,8 +6,10 @@
   protocol for the paper's downstream sets is in ``PROTOCOL.md`` next to this file.
 """
 
+from mim_scale.finetune.evaluate import compare_inits, evaluate_run
 from mim_scale.finetune.networks import ClassificationNet, SegmentationNet
 from mim_scale.finetune.recipe import Recipe, load_recipe
 from mim_scale.finetune.train import finetune
 
-__all__ = ["ClassificationNet", "Recipe", "SegmentationNet", "finetune", "load_recipe"]
+__all__ = ["ClassificationNet", "Recipe", "SegmentationNet", "compare_inits", "evaluate_run", "finetune",
+           "load_recipe"]

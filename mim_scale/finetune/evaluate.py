@@ -28,7 +28,7 @@ from mim_scale.finetune.build import EncoderInit, build_network, model_config_fr
 from mim_scale.finetune.checkpoint import latest_checkpoint, load_model, read_json, write_json
 from mim_scale.finetune.data import class_names, deterministic_transforms, load_cached, read_dataset
 from mim_scale.finetune.recipe import load_recipe, recipe_from_dict
-from mim_scale.finetune.train import finetune, software_versions
+from mim_scale.finetune.train import finetune, resolve_device, software_versions
 from mim_scale.finetune.validation import classification_metrics, segmentation_metrics
 
 REPORT_FORMAT = 1
@@ -55,12 +55,13 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, out: str |
     enc = EncoderInit(build_encoder(model_cfg), model_cfg, info["init"], {})
     model = build_network(recipe, enc, len(names))
     load_model(ckpt / "model.safetensors", model)
+    model.to(resolve_device(recipe.train.device))
     t0 = time.perf_counter()
     cache = load_cached(spec.validation, deterministic_transforms(recipe, roi, with_label=True), spec.source)
     for item, src in zip(cache, spec.validation):
         item["image_path"] = src["image"]
     metrics = (segmentation_metrics(model, cache, roi, recipe, names) if recipe.task == "segmentation"
-               else classification_metrics(model, cache, names))
+               else classification_metrics(model, cache, names, recipe.train.precision))
     state = read_json(ckpt / "state.json")
     report = {
         "format": REPORT_FORMAT,

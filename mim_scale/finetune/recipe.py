@@ -69,6 +69,8 @@ class TrainRecipe:
     keep_last: int = 2
     val_every: int = 0  # steps; 0 = validate only at the end
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast; master weights stay fp32)
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,9 @@ def validate_recipe(r: Recipe) -> None:
     _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
     _require(t.val_every >= 0, "train.val_every", "must be >= 0")
     _require(t.threads >= 0, "train.threads", "must be >= 0")
+    _require(t.device in ("auto", "cpu", "cuda") or (t.device.startswith("cuda:") and t.device[5:].isdigit()),
+             "train.device", f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _require(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
     _require(n.feature_size >= 0, "network.feature_size", "must be >= 0 (0 = the encoder's first width)")
     _require(n.norm in ("instance", "batch"), "network.norm", f"must be instance or batch, got {n.norm!r}")
     _require(0 <= n.dropout < 1, "network.dropout", "must be in [0, 1)")

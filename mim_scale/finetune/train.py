@@ -32,7 +32,7 @@ from mim_scale.finetune.checkpoint import latest_checkpoint, load_checkpoint, re
 from mim_scale.finetune.data import (TrainSampler, class_names, deterministic_transforms, load_cached, read_dataset)
 from mim_scale.finetune.optim import lr_at, param_groups
 from mim_scale.finetune.recipe import Recipe, load_recipe
-from mim_scale.finetune.validation import classification_metrics, headline, segmentation_metrics
+from mim_scale.finetune.validation import autocast, classification_metrics, headline, segmentation_metrics
 
 RUN_FORMAT = 1
 
@@ -61,8 +61,9 @@ def finetune(
     names = class_names(rec, spec)
     roi = roi_for(rec, enc_init.model)
 
+    device = resolve_device(t.device)
     torch.manual_seed(t.seed + 1)  # new modules (deep stage, decoder, head) draw from their own seed
-    model = build_network(rec, enc_init, len(names))
+    model = build_network(rec, enc_init, len(names)).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, t.layer_decay), lr=t.lr, betas=tuple(t.betas))
 
     run_info = {
@@ -74,6 +75,7 @@ def finetune(
         "recipe": rec.to_dict(),
         "classes": names,
         "roi_size": list(roi),
+        "device": str(device),
         "software": software_versions(),
     }
     start_step, history, best = 0, [], None
@@ -98,7 +100,7 @@ def finetune(
 
     def validate(step: int) -> dict[str, Any]:
         metrics = (segmentation_metrics(model, val_cache, roi, rec, names) if rec.task == "segmentation"
-                   else classification_metrics(model, val_cache, names))
+                   else classification_metrics(model, val_cache, names, t.precision))
         entry = {"step": step, "validation": {k: v for k, v in metrics.items() if k != "per_volume"}}
         _append_jsonl(out / "metrics.jsonl", entry)
         history.append(entry)
@@ -114,8 +116,9 @@ def finetune(
             g["lr"] = lr * g["lr_scale"]
         batch = sampler.batch(step)
         torch.manual_seed(t.seed * 1_000_003 + step)  # dropout and any other torch randomness
-        logits = model(batch["image"])
-        loss = loss_fn(logits, batch["label"])
+        with autocast(device, t.precision):
+            logits = model(batch["image"].to(device, non_blocking=True))
+        loss = loss_fn(logits.float(), batch["label"].to(device, non_blocking=True))
         if not torch.isfinite(loss):
             raise RuntimeError(f"fine-tuning loss is {float(loss)} at step {step}; lower train.lr or check the data")
         optimizer.zero_grad(set_to_none=True)
@@ -188,11 +191,34 @@ def _loss(rec: Recipe) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return lambda logits, labels: ce(logits, labels)
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserFacingError(f"train.device={name}: no CUDA device is available (use auto or cpu)")
+    return device
+
+
+# settings that may change between a run and its resumption without changing what is computed
+_RESUMABLE = {"device", "threads", "log_every"}
+
+
 def _check_same_run(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
     for key in ("task", "init", "model", "recipe", "classes"):
-        if json.dumps(old.get(key), sort_keys=True) != json.dumps(new.get(key), sort_keys=True):
+        a, b = old.get(key), new.get(key)
+        if key == "recipe":
+            a, b = _strip_resumable(a), _strip_resumable(b)
+        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             raise UserFacingError(f"{out}: cannot resume: '{key}' differs from the run being resumed "
                                   f"(see {out / 'run.json'})")
+
+
+def _strip_resumable(recipe: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not recipe:
+        return recipe
+    train = {k: v for k, v in recipe.get("train", {}).items() if k not in _RESUMABLE}
+    return {**recipe, "train": train}
 
 
 def _append_jsonl(path: Path, entry: dict[str, Any]) -> None:

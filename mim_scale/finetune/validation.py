@@ -19,13 +19,28 @@ from torch import nn
 from mim_scale.finetune.recipe import Recipe
 
 
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the forward pass, or a no-op context for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.inference_mode()
 def predict_volume(model: nn.Module, image: torch.Tensor, roi: tuple[int, int, int], recipe: Recipe) -> torch.Tensor:
-    """image: (1, X, Y, Z) -> class indices (X, Y, Z), sliding window with the recipe's overlap."""
+    """image: (1, X, Y, Z) on the CPU -> class indices (X, Y, Z) on the CPU.
+
+    Sliding window with the recipe's overlap and blending; windows run on the model's device and
+    are stitched on the CPU, so a whole volume never has to fit in device memory.
+    """
     e = recipe.eval
-    logits = sliding_window_inference(image[None].float(), roi, e.sw_batch_size, model, overlap=e.sw_overlap,
-                                      mode=e.sw_mode)
-    return logits.argmax(1)[0]
+    device = model_device(model)
+    with autocast(device, recipe.train.precision):
+        logits = sliding_window_inference(image[None].float(), roi, e.sw_batch_size, model, overlap=e.sw_overlap,
+                                          mode=e.sw_mode, sw_device=device, device=torch.device("cpu"))
+    return logits.float().argmax(1)[0]
 
 
 def segmentation_metrics(model: nn.Module, volumes: list[dict[str, Any]], roi: tuple[int, int, int],
@@ -58,11 +73,15 @@ def segmentation_metrics(model: nn.Module, volumes: list[dict[str, Any]], roi: t
 
 
 @torch.inference_mode()
-def classification_metrics(model: nn.Module, items: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
-    """Accuracy, per-class recall, cross-entropy and (binary) ROC AUC over the validation items."""
+def classification_metrics(model: nn.Module, items: list[dict[str, Any]], names: list[str],
+                           precision: str = "fp32") -> dict[str, Any]:
+    """Accuracy, balanced accuracy, per-class recall, cross-entropy and (binary) ROC AUC."""
     was_training = model.training
     model.eval()
-    logits = torch.cat([model(torch.as_tensor(it["image"])[None].float()) for it in items])
+    device = model_device(model)
+    with autocast(device, precision):
+        logits = torch.cat([model(torch.as_tensor(it["image"])[None].float().to(device)).float().cpu()
+                            for it in items])
     labels = torch.tensor([int(it["label"]) for it in items])
     model.train(was_training)
     pred = logits.argmax(1)
