@@ -26,20 +26,39 @@ def config_from_args(args: argparse.Namespace, extra: dict | None = None) -> Con
     return cfg
 
 
+def _workers(text: str) -> tuple[int, int | None]:
+    """``N`` (a fixed group) or ``MIN,MAX`` (an elastic group)."""
+    try:
+        parts = [int(p) for p in text.replace("-", ",").split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--workers {text!r}: expected N or MIN,MAX") from exc
+    if len(parts) == 1:
+        return parts[0], None
+    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+        raise argparse.ArgumentTypeError(f"--workers {text!r}: expected N or MIN,MAX with 1 <= MIN <= MAX")
+    return parts[1], parts[0]
+
+
+def _env(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--env {text!r}: expected KEY=VALUE")
+    return key, value
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from mim_scale.launcher.ray_train import pretrain
 
-    cfg = config_from_args(args, {"launch.address": args.address, "launch.workers": args.workers,
+    workers, min_workers = args.workers if args.workers else (None, None)
+    cfg = config_from_args(args, {"launch.address": args.address, "launch.workers": workers,
+                                  "launch.min_workers": min_workers,
                                   "launch.use_gpu": True if args.use_gpu else None, "launch.name": args.name,
                                   "launch.storage": args.storage})
     if not cfg.data.shards:
         raise UserFacingError("no shards given: set data.shards in the config or pass --set data.shards=PATH "
                               "(a manifest.json or the folder holding it; build one with `mim-scale shards build`)")
     init = Path(args.init) if args.init else None
-    if init is not None and not init.exists():
-        raise UserFacingError(f"--init {init}: no such export (expected a folder from `mim-scale export` or a "
-                              ".safetensors file)")
-    result = pretrain(cfg, init=init)
+    result = pretrain(cfg, init=init, fault=args.fault, env=dict(args.env))
     print(json.dumps({"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                       "seconds": round(result.seconds, 1),
                       "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}},
@@ -50,17 +69,57 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from mim_scale.launcher.runs import format_status, resolve_run, run_status
+
+    status = run_status(resolve_run(args.run, args.storage), probe=not args.no_probe)
+    print(json.dumps(status, indent=1) if args.json else format_status(status))
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from mim_scale.launcher.runs import format_status, request_stop, resolve_run
+
+    folder = resolve_run(args.run, args.storage)
+    status = request_stop(folder, wait_seconds=args.wait)
+    print(f"stop requested for {folder}: the workers save a checkpoint at the next step and end")
+    if args.wait:
+        print(format_status(status))
+        return 0 if status["state"] != "running" else 1
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    from mim_scale.launcher import ray_train
+    from mim_scale.launcher import ray_train, runs
 
     p = sub.add_parser("pretrain", help="pre-train MiM on a Ray cluster (a local one by default)",
                        description=ray_train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' or host:port); default: start a local cluster")
-    p.add_argument("--workers", type=int, default=None, help="training workers (one per GPU on GPU)")
+    p.add_argument("--workers", type=_workers, default=None, metavar="N|MIN,MAX",
+                   help="training workers (one per GPU on GPU); MIN,MAX makes the group elastic: it restarts "
+                        "smaller when nodes go and grows back when they return (the global batch stays the same)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     p.add_argument("--name", default=None, help="run name; the same name and storage resume the run")
     p.add_argument("--storage", default=None, help="shared path or object-store URI for checkpoints")
     p.add_argument("--init", default=None, metavar="EXPORT_DIR",
                    help="start from an exported encoder (safetensors), never from a pickled checkpoint")
+    p.add_argument("--env", type=_env, action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for every worker (repeatable; names in $MIM_SCALE_FORWARD_ENV are passed on too)")
+    p.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # failure drills: raise|kill:RANK:STEP
     p.set_defaults(func=_pretrain)
+
+    s = sub.add_parser("status", help="where a run stands: step, samples, last checkpoint, restarts, workers",
+                       description=runs.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("run", help="run name (under --storage), run folder, or URI")
+    s.add_argument("--storage", default=None, help="where runs live (default: ./runs)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--no-probe", action="store_true", help="do not contact the workers' /metrics")
+    s.set_defaults(func=_status)
+
+    t = sub.add_parser("stop", help="ask a run to save a checkpoint and stop",
+                       description=runs.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("run", help="run name (under --storage), run folder, or URI")
+    t.add_argument("--storage", default=None, help="where runs live (default: ./runs)")
+    t.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for the run to end")
+    t.set_defaults(func=_stop)

@@ -13,10 +13,14 @@ the same command (same ``--name`` and ``--storage``) resumes the run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,18 +28,57 @@ from pathlib import Path
 from typing import Any
 
 from mim_scale.config import Config, from_dict
-from mim_scale.engine.loop import Reporter, configure_logging, run_training
+from mim_scale.engine.checkpoint import write_atomic
+from mim_scale.engine.loop import Reporter, configure_logging, parse_fault, run_training
+from mim_scale.errors import UserFacingError
+from mim_scale.launcher.runs import STOP_FILE, DriverRecord, clear_stop_request, stop_was_requested
 
 log = logging.getLogger("mim_scale.launcher")
 
+# How often a healthy elastic group looks for room to grow back to launch.workers (a resize restarts the group
+# from its last checkpoint, so not too often).
+ELASTIC_RESIZE_SECONDS = float(os.environ.get("MIM_SCALE_ELASTIC_RESIZE_SECONDS", "60"))
+# How long a worker waits, after a save, for Ray to list the checkpoint as committed (see RayReporter).
+COMMIT_WAIT_SECONDS = float(os.environ.get("MIM_SCALE_COMMIT_WAIT_SECONDS", "120"))
+
 
 class RayReporter(Reporter):
-    """Checkpoints go through ``ray.train.report``: each rank hands over its own files, Ray merges them."""
+    """Checkpoints go through ``ray.train.report``: each rank hands over its own files, Ray merges them.
 
-    def __init__(self, run_dir: Path):
+    ``stop_requested()`` is true once ``mim-scale stop`` wrote the run's stop request (see
+    :mod:`mim_scale.launcher.runs`); a background thread polls for it so a step costs no file-system call.
+    ``ckpt_fault`` (``kill:RANK:STEP``, drills only) SIGKILLs that rank while it writes that step's
+    checkpoint, on a worker that started fresh (not after a restart).
+    """
+
+    def __init__(self, run_dir: Path, *, stop_uri: str | None = None, ckpt_fault: str | None = None,
+                 rank: int = 0, poll_seconds: float = 2.0, run_uri: str | None = None):
         super().__init__(run_dir)
+        self._run_uri = run_uri  # STORAGE/NAME, where Ray keeps the run's checkpoints and their list
         self._stack = ExitStack()
         self._scratch: Path | None = None
+        self._rank = rank
+        self._resumed = False
+        self._ckpt_fault = parse_fault(ckpt_fault)
+        self._stop = threading.Event()
+        self._closed = threading.Event()
+        self._stop_paths = [str(Path(run_dir) / STOP_FILE)] + ([f"{stop_uri.rstrip('/')}/{STOP_FILE}"] if stop_uri else [])
+        self._poller = threading.Thread(target=self._poll_stop, args=(poll_seconds,), daemon=True,
+                                        name="mim-stop-poller")
+        self._poller.start()
+
+    def _poll_stop(self, every: float) -> None:
+        from mim_scale.launcher.runs import path_exists
+
+        while not self._closed.wait(every):
+            if any(path_exists(p) for p in self._stop_paths):
+                log.warning("rank %d: stop requested (%s); stopping after the next checkpoint", self._rank,
+                            self._stop_paths[0])
+                self._stop.set()
+                return
+
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
     def resume_dir(self) -> Path | None:
         import ray.train
@@ -43,10 +86,14 @@ class RayReporter(Reporter):
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
+        self._resumed = True
         return Path(self._stack.enter_context(checkpoint.as_directory()))
 
     def scratch_dir(self, step: int) -> Path:
         self._scratch = Path(tempfile.mkdtemp(prefix=f"mim-ckpt-{step}-"))
+        fault = self._ckpt_fault
+        if fault is not None and not self._resumed and (fault[1], fault[2]) == (self._rank, step):
+            threading.Thread(target=_kill_when_written, args=(self._scratch,), daemon=True).start()
         return self._scratch
 
     def report(self, metrics: dict[str, Any], ckpt_dir: Path | None, rank: int) -> None:
@@ -59,22 +106,113 @@ class RayReporter(Reporter):
             return
         ray.train.report(clean, checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if self._run_uri:
+            self._wait_committed(int(metrics["step"]))
+
+    def _wait_committed(self, step: int) -> None:
+        """Block until Ray's controller lists this step's checkpoint as committed.
+
+        ``report()`` returns once the files are uploaded, but the controller registers them only at its
+        next poll of the workers (every ~2 s): a worker lost before that poll would send the restart back
+        to the checkpoint before, one interval further than it should. Waiting here makes every step
+        after a save start from a committed checkpoint. All ranks wait (any of them could be the one lost).
+        """
+        from mim_scale.launcher.runs import SNAPSHOT_FILE, read_text
+
+        path = f"{self._run_uri.rstrip('/')}/{SNAPSHOT_FILE}"
+        deadline = time.monotonic() + COMMIT_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            text = read_text(path)
+            try:
+                latest = (json.loads(text) if text else {}).get("latest_checkpoint_result") or {}
+            except json.JSONDecodeError:  # the controller is replacing it
+                latest = {}
+            if int((latest.get("metrics") or {}).get("step", -1)) >= step:
+                return
+            time.sleep(0.1)
+        log.warning("rank %d: the step-%d checkpoint was not listed as committed within %.0f s; going on",
+                    self._rank, step, COMMIT_WAIT_SECONDS)
 
     def close(self) -> None:
+        self._closed.set()
         self._stack.close()
+
+
+def _kill_when_written(folder: Path) -> None:
+    """SIGKILL this process as soon as the checkpoint being written into ``folder`` has its first bytes."""
+    while True:
+        if any(p.is_file() and p.stat().st_size > 0 for p in folder.rglob("*")):
+            log.warning("injecting fault: SIGKILL while writing %s", folder)
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.001)
+
+
+def elastic_grad_accum(cfg: Config, world: int) -> int:
+    """Accumulation steps that keep the configured global batch (``launch.workers`` x micro x accum) on
+    ``world`` workers: an elastic group of any size in [min_workers, workers] trains the same schedule."""
+    target = cfg.launch.workers * cfg.train.micro_batch * cfg.train.grad_accum
+    per_step = world * cfg.train.micro_batch
+    if target % per_step:
+        raise ValueError(f"{world} workers x micro_batch {cfg.train.micro_batch} does not divide the global batch "
+                         f"{target} (launch.workers x micro_batch x grad_accum)")
+    return target // per_step
+
+
+def check_elastic(cfg: Config) -> None:
+    """Every worker count Ray may choose in [min_workers, workers] must keep the global batch whole."""
+    lo, hi = worker_range(cfg)
+    bad = [w for w in range(lo, hi + 1) if (hi * cfg.train.micro_batch * cfg.train.grad_accum) % (w * cfg.train.micro_batch)]
+    if bad:
+        raise UserFacingError(f"launch.min_workers={lo}..launch.workers={hi}: with {bad} workers the global batch "
+                              f"{hi * cfg.train.micro_batch * cfg.train.grad_accum} does not split into whole "
+                              "micro-batches; choose a range whose counts all divide it (e.g. 2..4 with grad_accum 6)")
+
+
+def worker_range(cfg: Config) -> tuple[int, int]:
+    """(min, max) training workers; equal when the group is not elastic."""
+    lo = cfg.launch.min_workers or cfg.launch.workers
+    return lo, cfg.launch.workers
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs."""
+    import ray.train
+
+    # --env values also reach workers of a Ray that was already initialised in this process (and so
+    # has its runtime_env fixed); variables read at import time need the runtime_env itself.
+    for key, value in (loop_config.get("extra_env") or {}).items():
+        os.environ.setdefault(key, value)
     configure_logging()
     cfg = from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
-    reporter = RayReporter(run_dir)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if world != cfg.launch.workers:  # an elastic group: same global batch, more accumulation
+        cfg = cfg.replace({"train.grad_accum": elastic_grad_accum(cfg, world)})
+    write_worker_record(run_dir, rank, world, loop_config.get("env_names", []))
+    reporter = RayReporter(run_dir, stop_uri=loop_config.get("stop_uri"), ckpt_fault=loop_config.get("ckpt_fault"),
+                           rank=rank, run_uri=loop_config.get("run_uri"))
     try:
         init = Path(loop_config["init"]) if loop_config.get("init") else None
         run_training(cfg, run_dir=run_dir, reporter=reporter, init_weights=init, fault=loop_config.get("fault"))
     finally:
         reporter.close()
+
+
+def write_worker_record(run_dir: Path, rank: int, world: int, env_names: list[str]) -> None:
+    """``RUN/workers/rank-N.json``: where this rank runs (host, pid, Ray node), for ``mim-scale status``, and
+    which of the variables the launcher passed on arrived (names only: values may be secrets)."""
+    import ray
+
+    folder = Path(run_dir) / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"rank": rank, "world_size": world, "host": socket.gethostname(), "pid": os.getpid(),
+              "node_id": ray.get_runtime_context().get_node_id(), "started": time.time(),
+              "env": sorted(k for k in env_names if k in os.environ)}
+    write_atomic(folder / f"rank-{rank}.json", json.dumps(record))
+    for stale in folder.glob("rank-*.json"):  # ranks beyond a shrunk group
+        if int(stale.stem.split("-")[1]) >= world:
+            stale.unlink(missing_ok=True)
 
 
 @dataclass
@@ -86,8 +224,11 @@ class LaunchResult:
     seconds: float
 
 
-def worker_env(cfg: Config) -> dict[str, str]:
-    """Environment every worker needs (workers are separate processes: nothing else is inherited)."""
+def worker_env(cfg: Config, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment every worker needs (workers are separate processes: nothing else is inherited).
+
+    ``extra`` (``--env KEY=VALUE``) and the names listed in ``MIM_SCALE_FORWARD_ENV`` (comma-separated)
+    are passed on as well."""
     env = {
         "OMP_NUM_THREADS": str(max(1, int(cfg.launch.cpus_per_worker))),
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")),
@@ -96,27 +237,53 @@ def worker_env(cfg: Config) -> dict[str, str]:
     }
     if not cfg.launch.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    forward = [k.strip() for k in os.environ.get("MIM_SCALE_FORWARD_ENV", "").split(",") if k.strip()]
     for key in ("MIM_SCALE_SAMPLE_DATA", "TMPDIR", "RAY_AUTH_MODE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
+                "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS",
+                "NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "NCCL_IB_DISABLE", *forward):
         if os.environ.get(key):
             env[key] = os.environ[key]
+    env.update(extra or {})
     return env
 
 
-def ensure_ray(cfg: Config) -> bool:
-    """Connect to ``launch.address`` or start a local cluster; returns True if this call started Ray."""
+def ensure_ray(cfg: Config, env: dict[str, str] | None = None) -> bool:
+    """Connect to ``launch.address`` or start a local cluster; returns True if this call started Ray.
+
+    The same rule serves every stage that runs on Ray (training, ``mim-scale shards build``): an address
+    ("auto", "host:6379", "ray://host:10001") joins that cluster, none starts one on this machine.
+    """
     import ray
 
     if ray.is_initialized():
         return False
-    env = worker_env(cfg)
+    env = worker_env(cfg, env)
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if cfg.launch.address:
         ray.init(address=cfg.launch.address, **kwargs)
     else:
         num_cpus = cfg.launch.ray_num_cpus or max(os.cpu_count() or 1, int(cfg.launch.workers * cfg.launch.cpus_per_worker))
-        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=256 * 2**20, **kwargs)
+        # "local", not None: None would join whatever cluster /tmp/ray/ray_current_cluster names (any
+        # `ray start` on this machine, anyone's), and then fail on num_cpus.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, object_store_memory=256 * 2**20,
+                 **kwargs)
     return True
+
+
+def check_init(cfg: Config, init: Path) -> Path:
+    """Fail on the driver, before any worker starts, if ``init`` does not fit the configured encoder
+    (keys and shapes are checked on the meta device: nothing is allocated)."""
+    import torch
+
+    from mim_scale.export import load_encoder_weights
+    from mim_scale.model import build_model
+
+    if not init.exists():
+        raise UserFacingError(f"--init {init}: no such export (a folder from `mim-scale export` or a .safetensors file)")
+    with torch.device("meta"):
+        model = build_model(cfg)
+    load_encoder_weights(model.encoder, init, strict=True)
+    return init.resolve()
 
 
 def run_name(cfg: Config) -> str:
@@ -128,11 +295,13 @@ def storage_root(cfg: Config) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
-def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None) -> LaunchResult:
+def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None, ckpt_fault: str | None = None,
+             env: dict[str, str] | None = None) -> LaunchResult:
     """Run (or resume) pre-training for ``cfg`` on Ray; blocks until it ends.
 
     ``fault`` injects one failure for drills (``raise:RANK:STEP`` / ``kill:RANK:STEP``, see
-    ``mim_scale.engine.loop.parse_fault``).
+    ``mim_scale.engine.loop.parse_fault``); ``ckpt_fault`` (``kill:RANK:STEP``) kills that rank in the
+    middle of writing that step's checkpoint. ``env``: more environment for the workers.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -142,36 +311,62 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None)
     storage = storage_root(cfg)
     run_dir = Path(storage) / name if "://" not in storage else Path("runs").resolve() / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    stop_uri = f"{storage.rstrip('/')}/{name}" if "://" in storage else None
+    check_elastic(cfg)
+    if init is not None:
+        init = check_init(cfg, Path(init))
+    clear_stop_request(run_dir, stop_uri)  # a stop request belongs to the run it stopped, not to its resume
     shards = cfg.data.shards
     if shards and "://" not in shards and not shards.startswith("pipe:"):
         shards = str(Path(shards).resolve())
     cfg = cfg.replace({"data.shards": shards, "launch.name": name})
     t0 = time.perf_counter()
-    started = ensure_ray(cfg)
+    started = ensure_ray(cfg, env)
+    driver = DriverRecord(run_dir, name=name, storage=storage, address=cfg.launch.address or "local")
+    driver.write("running", ray_address=_gcs_address())
+    error: BaseException | None = None
     try:
         resources = {"CPU": cfg.launch.cpus_per_worker}
         if cfg.launch.use_gpu:
             resources["GPU"] = 1
+        lo, hi = worker_range(cfg)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "init": str(init) if init else None,
-                               "fault": fault},
-            scaling_config=ScalingConfig(num_workers=cfg.launch.workers, use_gpu=cfg.launch.use_gpu,
-                                         resources_per_worker=resources),
+                               "fault": fault, "ckpt_fault": ckpt_fault, "stop_uri": stop_uri,
+                               "run_uri": f"{storage.rstrip('/')}/{name}",
+                               "env_names": sorted(worker_env(cfg, env)), "extra_env": dict(env or {})},
+            scaling_config=ScalingConfig(num_workers=hi if lo == hi else (lo, hi), use_gpu=cfg.launch.use_gpu,
+                                         resources_per_worker=resources,
+                                         elastic_resize_monitor_interval_s=ELASTIC_RESIZE_SECONDS),
             torch_config=TorchConfig(backend="nccl" if cfg.launch.use_gpu else "gloo"),
             run_config=RunConfig(name=name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last)),
         )
-        error = None
         try:
             result = trainer.fit()
             metrics = dict(result.metrics or {})
             checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
         except Exception as exc:  # noqa: BLE001 - reported to the caller with the run folder
             error, metrics, checkpoint = exc, {}, None
+    except BaseException as exc:
+        driver.write("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         if started:
             ray.shutdown()
+    state = "failed" if error is not None else ("stopped" if stop_was_requested(run_dir, stop_uri) else "finished")
+    driver.write(state, error=f"{type(error).__name__}: {error}" if error is not None else None,
+                 step=metrics.get("step"))
     return LaunchResult(run_dir=run_dir, checkpoint=checkpoint, metrics=metrics, error=error,
                         seconds=time.perf_counter() - t0)
+
+
+def _gcs_address() -> str | None:
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - informational only
+        return None
