@@ -26,6 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="recipe override, e.g. --set train.steps=500 --set preprocessing.spacing=[1.5,1.5,2.0]")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--workers", type=int, default=1,
+                   help="Ray Train workers (DDP; train.batch_size is the global batch); 1 = single process")
+    p.add_argument("--use-gpu", action="store_true", help="with --workers: one GPU per worker (NCCL)")
+    p.add_argument("--address", default="", help="with --workers: Ray cluster address (default: start one locally)")
     p.set_defaults(func=_finetune)
 
     e = subparsers.add_parser(
@@ -51,10 +55,17 @@ def _overrides(args) -> list[str]:
 
 
 def _finetune(args) -> int:
-    from mim_scale.finetune.train import finetune
+    if args.workers > 1 or args.address:
+        from mim_scale.finetune.distributed import finetune_on_workers
 
-    summary = finetune(args.data, args.init, args.out, recipe=args.recipe, overrides=_overrides(args),
-                       model_config=args.model, resume=args.resume, log=_log)
+        summary = finetune_on_workers(args.data, args.init, args.out, workers=args.workers, use_gpu=args.use_gpu,
+                                      address=args.address, recipe=args.recipe, overrides=_overrides(args),
+                                      model_config=args.model, resume=args.resume, log=_log)
+    else:
+        from mim_scale.finetune.train import finetune
+
+        summary = finetune(args.data, args.init, args.out, recipe=args.recipe, overrides=_overrides(args),
+                           model_config=args.model, resume=args.resume, log=_log)
     print(json.dumps({k: summary[k] for k in ("task", "init", "steps", "best_score", "checkpoint")}, indent=1))
     return 0
 

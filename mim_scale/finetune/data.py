@@ -272,19 +272,24 @@ class TrainSampler:
             labels = np.array([int(c["label"]) for c in cached])
             self.by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
 
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        seed = self.recipe.train.seed
-        rng = np.random.default_rng([seed, step])
-        self.transform.set_random_state(seed=int(rng.integers(0, 2**31 - 1)))
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+        """The step's global batch of ``batch_size`` samples, or this rank's share of it.
+
+        Each sample has its own seed drawn from (seed, step), so rank ``r`` of ``world`` workers takes
+        samples ``r, r + world, ...`` and the workers together see exactly the single-process batch.
+        """
         size = self.recipe.train.batch_size
+        rng = np.random.default_rng([self.recipe.train.seed, step])
         if self.by_class:
             classes = rng.integers(0, len(self.by_class), size=size)
-            picks = [self.by_class[c][rng.integers(0, len(self.by_class[c]))] for c in classes]
+            picks = [int(self.by_class[c][rng.integers(0, len(self.by_class[c]))]) for c in classes]
         else:
-            picks = rng.integers(0, len(self.cached), size=size)
+            picks = [int(i) for i in rng.integers(0, len(self.cached), size=size)]
+        seeds = rng.integers(0, 2**31 - 1, size=size)
         images, labels = [], []
-        for idx in picks:
-            sample = self.transform(self.cached[int(idx)])
+        for i in range(rank, size, world):
+            self.transform.set_random_state(seed=int(seeds[i]))
+            sample = self.transform(self.cached[picks[i]])
             if isinstance(sample, list):  # RandCropByPosNegLabeld returns a list of num_samples crops
                 sample = sample[0]
             images.append(torch.as_tensor(sample["image"], dtype=torch.float32))

@@ -61,10 +61,17 @@ def finetune(
     names = class_names(rec, spec)
     roi = roi_for(rec, enc_init.model)
 
-    device = resolve_device(t.device)
+    rank, world, local_rank = dist_info()
+    if t.batch_size % world:
+        raise UserFacingError(f"train.batch_size={t.batch_size} must be divisible by the {world} workers "
+                              "(it is the global batch, split across them)")
+    device = resolve_device(t.device, local_rank)
     torch.manual_seed(t.seed + 1)  # new modules (deep stage, decoder, head) draw from their own seed
     model = build_network(rec, enc_init, len(names)).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, t.layer_decay), lr=t.lr, betas=tuple(t.betas))
+    lead = rank == 0
+    if not lead:
+        log = _quiet
 
     run_info = {
         "format": RUN_FORMAT,
@@ -76,6 +83,7 @@ def finetune(
         "classes": names,
         "roi_size": list(roi),
         "device": str(device),
+        "workers": world,
         "software": software_versions(),
     }
     start_step, history, best = 0, [], None
@@ -88,17 +96,28 @@ def finetune(
         log(f"resumed from {ckpt} at step {start_step}")
     elif not resume and latest_checkpoint(out) is not None:
         raise UserFacingError(f"{out} already holds checkpoints; pass --resume to continue it or choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "run.json", run_info)
+    _barrier(world)  # every rank has read the old state before the lead rewrites it
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "run.json", run_info)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # find_unused_parameters: the encoder's fusion convs serve pre-training only
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True)
 
     log(f"caching {len(spec.training)} training and {len(spec.validation)} validation volumes "
         f"(spacing {list(rec.preprocessing.spacing)} mm, HU [{rec.preprocessing.hu_min}, {rec.preprocessing.hu_max}])")
     train_cache = load_cached(spec.training, deterministic_transforms(rec, roi, with_label=True), spec.source)
-    val_cache = _val_cache(rec, spec, roi)
+    val_cache = _val_cache(rec, spec, roi) if lead else []
     sampler = TrainSampler(train_cache, rec, roi)
     loss_fn = _loss(rec)
 
-    def validate(step: int) -> dict[str, Any]:
+    def validate(step: int) -> dict[str, Any] | None:
+        if not lead:  # validation and checkpoints are the lead rank's; the others wait at the barrier
+            return None
         metrics = (segmentation_metrics(model, val_cache, roi, rec, names) if rec.task == "segmentation"
                    else classification_metrics(model, val_cache, names, t.precision))
         entry = {"step": step, "validation": {k: v for k, v in metrics.items() if k != "per_volume"}}
@@ -107,17 +126,17 @@ def finetune(
         log(f"step {step} validation: {_brief(metrics)}")
         return metrics
 
-    model.train()
+    net.train()
     metrics: dict[str, Any] | None = None
     t_loop = time.perf_counter()
     for step in range(start_step, t.steps):
         lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        batch = sampler.batch(step)
+        batch = sampler.batch(step, rank, world)
         torch.manual_seed(t.seed * 1_000_003 + step)  # dropout and any other torch randomness
         with autocast(device, t.precision):
-            logits = model(batch["image"].to(device, non_blocking=True))
+            logits = net(batch["image"].to(device, non_blocking=True))
         loss = loss_fn(logits.float(), batch["label"].to(device, non_blocking=True))
         if not torch.isfinite(loss):
             raise RuntimeError(f"fine-tuning loss is {float(loss)} at step {step}; lower train.lr or check the data")
@@ -128,27 +147,33 @@ def finetune(
         optimizer.step()
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
-            _append_jsonl(out / "metrics.jsonl", {"step": done, "loss": float(loss), "lr": lr,
-                                                  "seconds": time.perf_counter() - t_loop})
-            log(f"step {done}/{t.steps} loss {float(loss):.4f} lr {lr:.2e}")
+            mean_loss = _mean_over_ranks(loss.detach(), world)
+            if lead:
+                _append_jsonl(out / "metrics.jsonl", {"step": done, "loss": mean_loss, "lr": lr,
+                                                      "seconds": time.perf_counter() - t_loop})
+            log(f"step {done}/{t.steps} loss {mean_loss:.4f} lr {lr:.2e}")
         if t.val_every and done % t.val_every == 0 and done != t.steps:
             metrics = validate(done)
-            score = headline(metrics)
-            best = score if best is None or (score is not None and score > best) else best
+            best = _better(best, metrics)
+            _barrier(world)
         if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
             if done == t.steps:
                 metrics = validate(done)
-                score = headline(metrics)
-                best = score if best is None or (score is not None and score > best) else best
-            save_checkpoint(out, done, model, optimizer, {"history": history, "best": best}, t.keep_last)
-    if metrics is None:  # resumed at the last step: nothing trained, just validate
+                best = _better(best, metrics)
+            if lead:
+                save_checkpoint(out, done, model, optimizer, {"history": history, "best": best}, t.keep_last)
+            _barrier(world)
+    if start_step >= t.steps:  # resumed at the last step: nothing trained, just validate
         metrics = validate(t.steps)
+    if not lead:
+        return {"task": rec.task, "rank": rank, "workers": world, "steps": t.steps}
     summary = {
         "task": rec.task,
         "init": enc_init.source,
         "pretrained": enc_init.pretrained,
         "steps": t.steps,
         "samples_seen": t.steps * t.batch_size,
+        "workers": world,
         "validation": metrics,
         "best_score": best,
         "classes": names,
@@ -191,9 +216,48 @@ def _loss(rec: Recipe) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return lambda logits, labels: ce(logits, labels)
 
 
-def resolve_device(name: str) -> torch.device:
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of an initialised torch.distributed group, else (0, 1, 0)."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def _better(best: float | None, metrics: dict[str, Any] | None) -> float | None:
+    score = headline(metrics) if metrics else None
+    return score if best is None or (score is not None and score > best) else best
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserFacingError(f"train.device={name}: no CUDA device is available (use auto or cpu)")
