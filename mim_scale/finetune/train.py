@@ -296,7 +296,8 @@ def _brief(metrics: dict[str, Any]) -> str:
         parts = [f"{k} {v:.3f}" if v is not None else f"{k} absent" for k, v in metrics["per_class_dice"].items()]
         mean = metrics["mean_dice"]
         return f"mean Dice {mean:.3f} ({', '.join(parts)})" if mean is not None else "no class present"
-    return f"accuracy {metrics['accuracy']:.3f} loss {metrics['loss']:.3f}" + (
+    return (f"accuracy {metrics['accuracy']:.3f} balanced {metrics['balanced_accuracy']:.3f} "
+            f"loss {metrics['loss']:.3f}") + (
         f" AUC {metrics['auc']:.3f}" if "auc" in metrics else "")
 
 

@@ -2,7 +2,8 @@
 
 Slabs for training are cut from the plain abdomen/pelvis scan, slabs for validation from the
 contrast-enhanced DICOM series (see finetune_ct.write_liver_crops); the labels come from the organ
-masks. Classes are imbalanced (about 1 in 9 training slabs holds liver), so the sampler balances them.
+masks. Classes are imbalanced (about 1 in 9 training slabs holds liver), so the sampler balances them;
+the head pools the last stage with a global max.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ RECIPE = {
                      "intensity_prob": 0.8},
     "train": {"steps": 150, "batch_size": 8, "lr": 5e-4, "warmup_steps": 5, "weight_decay": 0.05,
               "balanced_sampling": True, "log_every": 50, "threads": 1},
+    "network": {"pooling": "max"},
 }
 
 
@@ -34,4 +36,4 @@ def test_liver_slab_classifier_beats_chance_on_the_other_scan(cls_dataset, tmp_p
     assert v["n"] == len(val) and summary["classes"] == ["class_0", "class_1"]
     # a constant answer scores balanced accuracy 0.5 and AUC 0.5
     assert v["balanced_accuracy"] > 0.65
-    assert v["auc"] > 0.75
+    assert v["auc"] > 0.8
