@@ -177,7 +177,7 @@ def deterministic_transforms(recipe: Recipe, roi: tuple[int, int, int], with_lab
     steps: list = [
         mt.LoadImaged(keys=keys, image_only=False),
         mt.EnsureChannelFirstd(keys=keys),
-        mt.Orientationd(keys=keys, axcodes=p.orientation),
+        mt.Orientationd(keys=keys, axcodes=p.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         mt.Spacingd(keys=keys, pixdim=p.spacing, mode=("bilinear", "nearest")[: len(keys)]),
         mt.ScaleIntensityRanged(keys=["image"], a_min=p.hu_min, a_max=p.hu_max, b_min=0.0, b_max=1.0, clip=True),
     ]
