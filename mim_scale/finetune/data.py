@@ -181,6 +181,9 @@ def deterministic_transforms(recipe: Recipe, roi: tuple[int, int, int], with_lab
         mt.Spacingd(keys=keys, pixdim=p.spacing, mode=("bilinear", "nearest")[: len(keys)]),
         mt.ScaleIntensityRanged(keys=["image"], a_min=p.hu_min, a_max=p.hu_max, b_min=0.0, b_max=1.0, clip=True),
     ]
+    if p.crop_foreground and seg:
+        # the bounding box of everything above the window's floor: the body, usually 30-50% of the scan
+        steps.append(mt.CropForegroundd(keys=keys, source_key="image", select_fn=_above_floor, allow_smaller=True))
     if seg:
         orig, target = label_mapping(recipe)
         if orig:
@@ -189,10 +192,35 @@ def deterministic_transforms(recipe: Recipe, roi: tuple[int, int, int], with_lab
             steps.append(mt.MapLabelValued(keys="label", orig_labels=orig, target_labels=target, dtype=np.uint8))
         steps.append(mt.SpatialPadd(keys=keys, spatial_size=roi, mode="constant"))
         steps.append(mt.FgBgToIndicesd(keys="label"))
+        steps.append(_CompactCache(keys="label"))
     else:
         steps.append(mt.ResizeWithPadOrCropd(keys=["image"], spatial_size=roi, mode="constant"))
-    steps.append(mt.EnsureTyped(keys=keys, dtype=torch.float32 if not seg else None, track_meta=False))
+    steps.append(mt.EnsureTyped(keys=["image"], dtype=torch.float32, track_meta=False))
     return mt.Compose(steps)
+
+
+def _above_floor(x):
+    return x > 0
+
+
+class _CompactCache(mt.MapTransform):
+    """Shrink what stays cached per volume: labels as uint8, crop-sampling indices as int32.
+
+    The indices cover every voxel (foreground + background), so at int64 they would take twice the
+    memory of the float32 image; int32 indexes volumes up to 2**31 voxels.
+    """
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = torch.as_tensor(np.asarray(d[key])).round()
+            if lab.max() > 255:
+                raise ValueError(f"label value {int(lab.max())} does not fit uint8; map it with the recipe's [classes]")
+            d[key] = lab.to(torch.uint8)
+            for post in ("_fg_indices", "_bg_indices"):
+                idx = torch.as_tensor(np.asarray(d[key + post]))
+                d[key + post] = idx.to(torch.int32).numpy()
+        return d
 
 
 class _KeepListedLabels(mt.MapTransform):

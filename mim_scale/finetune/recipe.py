@@ -37,6 +37,7 @@ class PreprocessingRecipe:
     hu_min: float = -1000.0  # intensity window, mapped linearly to [0, 1] and clipped
     hu_max: float = 1000.0
     roi_size: tuple[int, ...] = ()  # training crop / sliding-window ROI; () = the encoder's view size cubed
+    crop_foreground: bool = True  # drop the air around the body (voxels at the window's floor) before caching
 
 
 @dataclass(frozen=True)
