@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mim_scale.config import ModelConfig
 from mim_scale.model.layers import (ConvBlock, PatchEmbed, TransformerBlock, run_blocks,
@@ -73,6 +74,7 @@ class HybridEncoder(nn.Module):
         self.embed_dim = cfg.embed_dim
         self.widths = widths
         self.activation_checkpointing = cfg.activation_checkpointing
+        self.conv_chunk = 2  # views per checkpointed conv chunk (only used under activation checkpointing)
         n = len(widths)
         chans = (cfg.in_channels,) + widths
         self.stages = nn.ModuleList(
@@ -93,11 +95,14 @@ class HybridEncoder(nn.Module):
         if x.dim() != 5 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != (v, v, v):
             raise ValueError(f"encoder input must be (N, {self.in_channels}, {v}, {v}, {v}), got {tuple(x.shape)}")
 
-    def conv_features(self, x: torch.Tensor, keep: torch.Tensor | None) -> list[torch.Tensor]:
+    def conv_features(self, x: torch.Tensor, keep: torch.Tensor | None,
+                      checkpoint_blocks: bool | None = None) -> list[torch.Tensor]:
         """Conv stages. x: (N, C, V, V, V); keep: (N, L) with 1 at visible tokens, or None (dense).
 
         Returns the output of every conv stage, channels-last: (N, V/2^(i+1), ..., widths[i]).
+        ``checkpoint_blocks`` (default: the config's activation_checkpointing) checkpoints each block.
         """
+        ckpt = self.activation_checkpointing if checkpoint_blocks is None else checkpoint_blocks
         feats = []
         h = x
         for i, stage in enumerate(self.stages):
@@ -105,7 +110,7 @@ class HybridEncoder(nn.Module):
             keep_vox = None
             if keep is not None:
                 keep_vox = upsample_token_mask(keep, self.grid, h.shape[1]).to(h.dtype).permute(0, 2, 3, 4, 1)
-            h = run_blocks(stage.blocks, h, keep_vox, checkpointing=self.activation_checkpointing)
+            h = run_blocks(stage.blocks, h, keep_vox, checkpointing=ckpt)
             feats.append(h)
         return feats
 
@@ -119,6 +124,26 @@ class HybridEncoder(nn.Module):
         for f, proj in zip(feats, self.fusion):
             fused = fused + proj(f.permute(0, 4, 1, 2, 3)).flatten(2).transpose(1, 2)
         return t, fused
+
+    def masked_token_inputs(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv stages + token embedding + fusion terms for masked views -> (tokens, fused), (N, L, E) each.
+
+        Under activation checkpointing the whole conv part runs in chunks of ``conv_chunk`` views,
+        each one checkpoint that keeps only its (N, L, E) outputs: the dense full-resolution stage
+        activations, the bulk of the memory, then exist for ``conv_chunk`` views at a time only.
+        """
+        if not (self.activation_checkpointing and torch.is_grad_enabled()):
+            return self.token_inputs(self.conv_features(x, keep))
+        tokens, fused = [], []
+        for s in range(0, x.shape[0], self.conv_chunk):
+            t, f = checkpoint(self._chunk_token_inputs, x[s:s + self.conv_chunk], keep[s:s + self.conv_chunk],
+                              use_reentrant=False)
+            tokens.append(t)
+            fused.append(f)
+        return torch.cat(tokens), torch.cat(fused)
+
+    def _chunk_token_inputs(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.token_inputs(self.conv_features(x, keep, checkpoint_blocks=False))
 
     def transformer(self, tokens: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (N, K, E) -> (N, K, E) through the transformer blocks (no final norm)."""
@@ -135,8 +160,7 @@ class HybridEncoder(nn.Module):
         """
         self._check_input(x)
         keep = token_keep_mask(ids_keep, key_valid, self.grid**3)
-        feats = self.conv_features(x, keep)
-        tokens, fused = self.token_inputs(feats)
+        tokens, fused = self.masked_token_inputs(x, keep)
         return self.encode_visible(tokens, fused, ids_keep, key_valid)
 
     def encode_visible(self, tokens: torch.Tensor, fused: torch.Tensor, ids_keep: torch.Tensor,

@@ -90,8 +90,7 @@ class MiMModel(nn.Module):
         keep = token_keep_mask(ids, None if all_valid else valid, length)
 
         enc._check_input(x)
-        feats = enc.conv_features(x, keep)
-        tokens, fused = enc.token_inputs(feats)
+        tokens, fused = enc.masked_token_inputs(x, keep)
         if self.token_batching == "pad" or all_valid:
             latent = enc.encode_visible(tokens, fused, ids, None if all_valid else valid)
         else:
