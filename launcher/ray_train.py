@@ -47,8 +47,10 @@ class RayReporter(Reporter):
 
     ``stop_requested()`` is true once ``mim-scale stop`` wrote the run's stop request (see
     :mod:`mim_scale.launcher.runs`); a background thread polls for it so a step costs no file-system call.
-    ``ckpt_fault`` (``kill:RANK:STEP``, drills only) SIGKILLs that rank while it writes that step's
-    checkpoint, on a worker that started fresh (not after a restart).
+    ``ckpt_fault`` (drills only, on a worker that started fresh, not after a restart) SIGKILLs rank RANK
+    in the middle of saving step STEP: ``write:RANK:STEP`` while it writes its files,
+    ``upload:RANK:STEP`` after it wrote them and before it hands them to Ray (the other ranks upload
+    theirs: the storage then holds an incomplete checkpoint folder that Ray never commits).
     """
 
     def __init__(self, run_dir: Path, *, stop_uri: str | None = None, ckpt_fault: str | None = None,
@@ -59,7 +61,7 @@ class RayReporter(Reporter):
         self._scratch: Path | None = None
         self._rank = rank
         self._resumed = False
-        self._ckpt_fault = parse_fault(ckpt_fault)
+        self._ckpt_fault = parse_ckpt_fault(ckpt_fault)
         self._stop = threading.Event()
         self._closed = threading.Event()
         self._stop_paths = [str(Path(run_dir) / STOP_FILE)] + ([f"{stop_uri.rstrip('/')}/{STOP_FILE}"] if stop_uri else [])
@@ -92,7 +94,7 @@ class RayReporter(Reporter):
     def scratch_dir(self, step: int) -> Path:
         self._scratch = Path(tempfile.mkdtemp(prefix=f"mim-ckpt-{step}-"))
         fault = self._ckpt_fault
-        if fault is not None and not self._resumed and (fault[1], fault[2]) == (self._rank, step):
+        if fault == ("write", self._rank, step) and not self._resumed:
             threading.Thread(target=_kill_when_written, args=(self._scratch,), daemon=True).start()
         return self._scratch
 
@@ -104,6 +106,9 @@ class RayReporter(Reporter):
         if ckpt_dir is None:
             ray.train.report(clean)
             return
+        if self._ckpt_fault == ("upload", self._rank, metrics["step"]) and not self._resumed:
+            log.warning("injecting fault: SIGKILL before handing %s to Ray", ckpt_dir)
+            os.kill(os.getpid(), signal.SIGKILL)
         ray.train.report(clean, checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         if self._run_uri:
@@ -136,6 +141,19 @@ class RayReporter(Reporter):
     def close(self) -> None:
         self._closed.set()
         self._stack.close()
+
+
+def parse_ckpt_fault(spec: str | None) -> tuple[str, int, int] | None:
+    """``write:RANK:STEP`` or ``upload:RANK:STEP`` (see :class:`RayReporter`)."""
+    if not spec:
+        return None
+    try:
+        action, rank, step = spec.split(":")
+        if action not in ("write", "upload"):
+            raise ValueError(action)
+        return action, int(rank), int(step)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint fault {spec!r} must look like write:RANK:STEP or upload:RANK:STEP") from exc
 
 
 def _kill_when_written(folder: Path) -> None:
@@ -300,8 +318,8 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
     """Run (or resume) pre-training for ``cfg`` on Ray; blocks until it ends.
 
     ``fault`` injects one failure for drills (``raise:RANK:STEP`` / ``kill:RANK:STEP``, see
-    ``mim_scale.engine.loop.parse_fault``); ``ckpt_fault`` (``kill:RANK:STEP``) kills that rank in the
-    middle of writing that step's checkpoint. ``env``: more environment for the workers.
+    ``mim_scale.engine.loop.parse_fault``); ``ckpt_fault`` (``write:RANK:STEP`` /
+    ``upload:RANK:STEP``) kills that rank in the middle of saving that step's checkpoint. ``env``: more environment for the workers.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -313,6 +331,7 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     stop_uri = f"{storage.rstrip('/')}/{name}" if "://" in storage else None
     check_elastic(cfg)
+    parse_fault(fault), parse_ckpt_fault(ckpt_fault)  # a mistyped drill fails here, not in every worker
     if init is not None:
         init = check_init(cfg, Path(init))
     clear_stop_request(run_dir, stop_uri)  # a stop request belongs to the run it stopped, not to its resume

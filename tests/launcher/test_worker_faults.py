@@ -9,6 +9,8 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+
 from mim_scale.config import load_config
 from mim_scale.engine import checkpoint as ckpt
 from mim_scale.launcher.ray_train import pretrain
@@ -63,10 +65,14 @@ def test_worker_sigkill_at_random_step_resumes_and_matches(sample_shards, failur
     assert all(w["reachable"] is False for w in status["workers"])  # the run is over: /metrics are gone
 
 
-def test_crash_while_writing_checkpoint_keeps_previous_loadable(sample_shards, failure_free, tmp_path):
+@pytest.mark.parametrize("where", ["upload", pytest.param("write", marks=pytest.mark.slow)])
+def test_crash_while_writing_checkpoint_keeps_previous_loadable(sample_shards, failure_free, tmp_path, where):
+    """``upload``: rank 1 dies after writing its part, before handing it to Ray, while rank 0 puts its own
+    part into the storage (an incomplete checkpoint folder); ``write``: rank 1 dies while DeepSpeed
+    writes its files."""
     drill_step = 2 * INTERVAL
     cfg = load_config("tiny", drill_overrides(sample_shards, tmp_path, "ckpt-crash"))
-    result = pretrain(cfg, ckpt_fault=f"kill:1:{drill_step}")
+    result = pretrain(cfg, ckpt_fault=f"{where}:1:{drill_step}")
     assert result.error is None, result.error
 
     steps = history_steps(result.run_dir)
@@ -87,18 +93,26 @@ def test_crash_while_writing_checkpoint_keeps_previous_loadable(sample_shards, f
         assert saved.step % INTERVAL == 0
         assert all(v.isfinite().all() for v in model_of(path).values())
     assert Path(committed_checkpoint(str(result.run_dir))) == result.checkpoint
+    # whatever the killed attempt left in the storage is not in Ray's list, so nothing resumes from it
+    leftovers = sorted(set(result.run_dir.glob("checkpoint_*")) - set(listed))
+    for path in leftovers:
+        assert not (path / "mim").is_dir() or len(list((path / "mim").iterdir())) < len(list((listed[-1] / "mim").iterdir()))
 
 
-def test_stop_request_saves_a_checkpoint_and_ends_the_run(sample_shards, ray_cluster, tmp_path):
+def test_init_then_stop_request_saves_a_checkpoint_and_ends_the_run(sample_shards, failure_free, tmp_path):
+    """Continued pre-training from an export (--init), stopped by `mim-scale stop` mid-run."""
     import threading
     import time
 
+    from mim_scale.export import export_run, load_encoder
     from mim_scale.launcher.runs import request_stop
 
-    steps = 40  # far more than the run reaches before the stop lands
-    cfg = load_config("tiny", drill_overrides(sample_shards, tmp_path, "stopped", steps=steps))
+    export = export_run(failure_free.run_dir, tmp_path / "export")
+    steps = 24  # more than the run reaches before the stop lands
+    # a learning rate so small that the trained encoder must still be the exported one
+    cfg = load_config("tiny", drill_overrides(sample_shards, tmp_path, "stopped", steps=steps) + ["train.lr=1e-9"])
     outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=pretrain(cfg)), daemon=True)
+    thread = threading.Thread(target=lambda: outcome.update(result=pretrain(cfg, init=export)), daemon=True)
     thread.start()
     run_dir = tmp_path / "stopped"
     deadline = time.monotonic() + 300
@@ -110,8 +124,32 @@ def test_stop_request_saves_a_checkpoint_and_ends_the_run(sample_shards, ray_clu
     thread.join(timeout=60)
     result = outcome["result"]
     assert result.error is None, result.error
+    encoder, _ = load_encoder(export)
+    trained = model_of(result.checkpoint)
+    started_from = {k: v for k, v in encoder.state_dict().items()}
+    from mim_scale.model import build_model
+
+    fresh = build_model(cfg).encoder.state_dict()
+    assert max_relative_difference(fresh, started_from) > 0.1  # the check below can tell the two apart
+    assert max_relative_difference({k: trained["encoder." + k] for k in started_from}, started_from) < 1e-3
     state = ckpt.TrainState.read(result.checkpoint)
     assert INTERVAL <= state.step < steps
     assert history_steps(run_dir)[-1] == state.step  # the last step trained is the one saved
     assert status["state"] == "stopped" and status["checkpoint"]["step"] == state.step
     assert status["stop_requested"] is True
+
+
+def test_init_is_checked_on_the_driver_before_any_worker_starts(failure_free, tmp_path):
+    from mim_scale.errors import UserFacingError
+    from mim_scale.export import export_run
+    from mim_scale.launcher.ray_train import check_init
+
+    export = export_run(failure_free.run_dir, tmp_path / "export")
+    tiny = load_config("tiny")
+    assert check_init(tiny, export) == export.resolve()
+    with pytest.raises(UserFacingError, match="encoder.safetensors|missing|unexpected|shape"):
+        check_init(load_config("tiny", ["model.encoder_depth=3"]), export)  # another architecture
+    with pytest.raises(UserFacingError, match="no such export"):
+        check_init(tiny, tmp_path / "nowhere")
+    with pytest.raises(UserFacingError, match="no such export"):  # the launcher refuses it before Ray starts
+        pretrain(tiny.replace({"data.shards": "x", "launch.storage": str(tmp_path)}), init=tmp_path / "nowhere")

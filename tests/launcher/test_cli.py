@@ -1,0 +1,70 @@
+"""`mim-scale status` / `stop` on a real run folder, and the launch options that are checked before Ray
+starts (worker ranges, elastic batch arithmetic, --env)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mim_scale.cli import build_parser, main
+from mim_scale.config import load_config
+from mim_scale.errors import UserFacingError
+from mim_scale.launcher.ray_train import check_elastic, elastic_grad_accum, worker_env, worker_range
+from mim_scale.launcher.runs import STOP_FILE, resolve_run
+
+from launcher_drills import STEPS
+
+
+def test_status_and_stop_on_a_finished_run(failure_free, capsys):
+    run_dir = failure_free.run_dir
+    storage = str(run_dir.parent)
+    assert main(["status", "reference", "--storage", storage, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["folder"] == str(run_dir)
+    assert (shown["state"], shown["alive"], shown["step"], shown["samples_seen"]) == ("finished", False, STEPS, 2 * STEPS)
+    assert shown["checkpoint"]["path"] == str(failure_free.checkpoint)
+    assert shown["restarts"] == 0 and [w["rank"] for w in shown["workers"]] == [0, 1]
+
+    assert main(["status", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert f"checkpoint step {STEPS}" in text and "alive: no" in text
+
+    assert main(["stop", "reference", "--storage", storage]) == 0
+    assert json.loads((run_dir / STOP_FILE).read_text())["requested"] > 0
+    (run_dir / STOP_FILE).unlink()
+
+
+def test_unknown_run_names_the_runs_there(failure_free):
+    with pytest.raises(UserFacingError, match="reference"):
+        resolve_run("no-such-run", str(failure_free.run_dir.parent))
+    assert main(["status", "no-such-run", "--storage", str(failure_free.run_dir.parent)]) == 2
+
+
+def test_workers_option_fixed_and_elastic():
+    parser = build_parser()
+    args = parser.parse_args(["pretrain", "--config", "tiny", "--workers", "2,4", "--env", "A=b=c"])
+    assert args.workers == (4, 2) and args.env == [("A", "b=c")]
+    assert parser.parse_args(["pretrain", "--config", "tiny", "--workers", "3"]).workers == (3, None)
+    for bad in ("4,2", "x", "0,2"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["pretrain", "--config", "tiny", "--workers", bad])
+
+
+def test_elastic_range_keeps_the_global_batch():
+    cfg = load_config("tiny", ["launch.workers=4", "launch.min_workers=2", "train.grad_accum=3"])
+    assert worker_range(cfg) == (2, 4)
+    with pytest.raises(UserFacingError, match=r"\[3\]"):  # 4 x 1 crops do not split over 3 workers
+        check_elastic(load_config("tiny", ["launch.workers=4", "launch.min_workers=3", "train.grad_accum=1"]))
+    check_elastic(cfg)  # 12 splits over 2, 3 and 4 workers
+    assert [elastic_grad_accum(cfg, w) for w in (2, 3, 4)] == [6, 4, 3]
+    assert worker_range(load_config("tiny", ["launch.workers=2"])) == (2, 2)
+
+
+def test_worker_env_forwards_named_variables(monkeypatch):
+    monkeypatch.setenv("MIM_SCALE_FORWARD_ENV", "MY_TOKEN_PATH, OTHER")
+    monkeypatch.setenv("MY_TOKEN_PATH", "/secrets/t")
+    monkeypatch.delenv("OTHER", raising=False)
+    env = worker_env(load_config("tiny"), {"EXTRA": "1"})
+    assert env["MY_TOKEN_PATH"] == "/secrets/t" and env["EXTRA"] == "1" and "OTHER" not in env
+    assert env["DS_ACCELERATOR"] == "cpu" and env["OMP_NUM_THREADS"] == "1"
