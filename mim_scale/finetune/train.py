@@ -139,7 +139,7 @@ def finetune(
             logits = net(batch["image"].to(device, non_blocking=True))
         loss = loss_fn(logits.float(), batch["label"].to(device, non_blocking=True))
         if not torch.isfinite(loss):
-            raise RuntimeError(f"fine-tuning loss is {float(loss)} at step {step}; lower train.lr or check the data")
+            raise UserFacingError(f"fine-tuning loss is {float(loss)} at step {step}; lower train.lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip > 0:
