@@ -11,7 +11,8 @@ Steps, each printed with where its artefact lies:
    Prometheus ``/metrics`` while it runs (its address is in ``OUT/runs/quickstart/prometheus_targets/``);
    checkpoints go through ``ray.train.report`` -> ``OUT/runs/quickstart/checkpoint_*``;
 4. the exported encoder (safetensors + config.json, key schema 1) -> ``OUT/export``;
-5. reconstruction and loss-curve PNGs -> ``OUT/runs/quickstart/pictures``.
+5. reconstruction and loss-curve PNGs -> ``OUT/runs/quickstart/pictures``, and a Decathlon-style
+   ``OUT/finetune/dataset.json`` on the sample CT for ``mim-scale finetune``.
 
 Re-running resumes what is there: shards already complete are kept; a finished run is not retrained
 (use ``--fresh`` to start over).
@@ -34,7 +35,7 @@ def run_quickstart(out: Path, *, source: Path | None = None, steps: int = 16, wo
     from mim_scale.config import load_config
     from mim_scale.export import export_run, load_encoder
     from mim_scale.launcher.ray_train import pretrain
-    from mim_scale.sample_data import ensure_sample_data
+    from mim_scale.sample_data import ensure_sample_data, write_finetune_dataset
     from mim_scale.shards.builder import build_shards
     from mim_scale.shards.inputs import InputSpec
 
@@ -80,7 +81,7 @@ def run_quickstart(out: Path, *, source: Path | None = None, steps: int = 16, wo
     artefacts["export"] = export_dir
     print(f"   {export_dir} ({config['parameters']:,} parameters, loads strictly)")
 
-    _say(5, "pictures")
+    _say(5, "pictures, and a fine-tuning dataset on the same CT")
     pictures = run_dir / "pictures"
     artefacts["reconstruction_png"] = pictures / "reconstruction_latest.png"
     artefacts["loss_curves_png"] = pictures / "loss_curves.png"
@@ -88,6 +89,8 @@ def run_quickstart(out: Path, *, source: Path | None = None, steps: int = 16, wo
         if not artefacts[key].is_file():
             raise UserFacingError(f"the run did not write {artefacts[key]}")
         print(f"   {artefacts[key]}")
+    artefacts["finetune_dataset"] = write_finetune_dataset(ct, out / "finetune")
+    print(f"   {artefacts['finetune_dataset']}")
 
     seconds = time.perf_counter() - t0
     summary = {k: str(v) for k, v in artefacts.items()}
@@ -96,8 +99,9 @@ def run_quickstart(out: Path, *, source: Path | None = None, steps: int = 16, wo
     print(f"\nquickstart done in {seconds:.0f} s. Everything is under {out}:")
     for key, value in artefacts.items():
         print(f"  {key:20s} {value}")
-    print(f"\nNext: look at {artefacts['reconstruction_png']}, or fine-tune:\n"
-          f"  mim-scale finetune --task segmentation --init {export_dir} --data DATASET.json")
+    print(f"\nNext: look at {artefacts['reconstruction_png']}, or fine-tune the exported encoder:\n"
+          f"  mim-scale finetune --task segmentation --recipe sample_ct --init {export_dir} "
+          f"--data {artefacts['finetune_dataset']} --out {out / 'finetune' / 'run'}")
     return artefacts
 
 

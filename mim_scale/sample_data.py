@@ -164,11 +164,49 @@ def _total_class_map(source: str) -> dict[str, str]:
     raise UserFacingError("map_to_binary.py in the archive has no class_map literal")
 
 
+def write_finetune_dataset(ct_dir: Path, out_dir: Path) -> Path:
+    """A Decathlon-style ``dataset.json`` on the sample CT: train on the abdomen/pelvis volume, validate
+    on the DICOM series (assembled to NIfTI by the shard builder's own reader). Returns its path."""
+    import nibabel as nib
+    import numpy as np
+
+    from mim_scale.shards.dicom import list_files, load_series
+    from mim_scale.shards.format import affine_ras
+
+    ct_dir, out_dir = Path(ct_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series = out_dir / "abdomen_dicom.nii.gz"
+    if not series.is_file():
+        vol = load_series(list_files(ct_dir / "abdomen_dicom"))
+        img = nib.Nifti1Image(np.ascontiguousarray(vol.array.transpose(2, 1, 0)).astype(np.int16),
+                              np.asarray(affine_ras(vol.spacing, vol.origin, vol.direction)))
+        img.header.set_xyzt_units("mm")
+        tmp = out_dir / ".abdomen_dicom.tmp.nii.gz"
+        nib.save(img, str(tmp))
+        tmp.replace(series)
+    tree = {
+        "name": "mim-scale sample CT",
+        "description": "train: non-contrast abdomen/pelvis CT (3 mm); validation: contrast upper-abdomen "
+                       "DICOM series. Labels: TotalSegmentator ids (labels_total.json).",
+        "labels": json.loads((ct_dir / "labels_total.json").read_text()),
+        "training": [{"image": str((ct_dir / "abdomen_pelvis_ct.nii.gz").resolve()),
+                      "label": str((ct_dir / "abdomen_pelvis_labels.nii.gz").resolve())}],
+        "validation": [{"image": str(series.resolve()),
+                        "label": str((ct_dir / "abdomen_dicom_labels.nii.gz").resolve())}],
+    }
+    path = out_dir / "dataset.json"
+    path.write_text(json.dumps(tree, indent=1))
+    return path
+
+
 def _run(args: argparse.Namespace) -> int:
     dest = ensure_sample_data(dest=Path(args.dir), source=Path(args.source) if args.source else None)
     print(f"sample CT ready in {dest}")
     for name in REQUIRED:
         print(f"  {dest / name}")
+    if args.finetune_dataset:
+        path = write_finetune_dataset(dest, dest / "finetune")
+        print(f"  {path} (Decathlon-style: mim-scale finetune --data {path} ...)")
     return 0
 
 
@@ -178,4 +216,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="folder to fill")
     p.add_argument("--from", dest="source", default=None,
                    help=f"copy from this local folder instead of fetching (default: ${ENV_VAR} if set)")
+    p.add_argument("--finetune-dataset", action="store_true",
+                   help="also write DIR/finetune/dataset.json (train on the NIfTI volume, validate on the DICOM series)")
     p.set_defaults(func=_run)

@@ -130,3 +130,18 @@ def test_report_regenerates_pictures(quickstart, capsys):
     assert f"step {STEPS}" in text and "restarts 1" in text and "rec_l3" in text
     for name in ("loss_curves.png", "reconstruction_report.png"):
         assert (run / "pictures" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_finetune_from_the_quickstart_export(quickstart, tmp_path):
+    """The README's path: quickstart's exported encoder -> a fine-tuned segmentation model."""
+    from mim_scale.cli import main
+
+    artefacts, _ = quickstart
+    out = tmp_path / "ft"
+    rc = main(["finetune", "--task", "segmentation", "--recipe", "sample_ct", "--init", str(artefacts["export"]),
+               "--data", str(artefacts["finetune_dataset"]), "--out", str(out), "--set", "train.steps=4"])
+    assert rc == 0
+    reports = list(out.rglob("*.json"))
+    assert reports, "fine-tuning wrote no summary"
+    text = " ".join(p.read_text() for p in reports)
+    assert "liver" in text and "dice" in text.lower()
