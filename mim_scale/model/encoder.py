@@ -26,8 +26,9 @@ Linear weights are ``(out, in)``; a 1x1x1 conv weight ``(out, in, 1, 1, 1)`` is 
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -75,6 +76,9 @@ class HybridEncoder(nn.Module):
         self.widths = widths
         self.activation_checkpointing = cfg.activation_checkpointing
         self.conv_chunk = 2  # views per checkpointed conv chunk (only used under activation checkpointing)
+        # masked conv blocks computed at visible voxels only (False: dense with the mask product, as
+        # ConvMAE writes it; same results at visible tokens, kept for benchmarks and tests)
+        self.sparse_conv = True
         n = len(widths)
         chans = (cfg.in_channels,) + widths
         self.stages = nn.ModuleList(
@@ -107,12 +111,36 @@ class HybridEncoder(nn.Module):
         h = x
         for i, stage in enumerate(self.stages):
             h = stage.embed(h, channels_first_input=(i == 0))
-            keep_vox = None
-            if keep is not None:
+            if keep is None:
+                h = run_blocks(stage.blocks, h, None, checkpointing=ckpt)
+            elif self.sparse_conv:
+                h = self._stage_rows(stage, h, keep, ckpt)
+            else:
                 keep_vox = upsample_token_mask(keep, self.grid, h.shape[1]).to(h.dtype).permute(0, 2, 3, 4, 1)
-            h = run_blocks(stage.blocks, h, keep_vox, checkpointing=ckpt)
+                h = run_blocks(stage.blocks, h, keep_vox, checkpointing=ckpt)
             feats.append(h)
         return feats
+
+    def _stage_rows(self, stage: ConvStage, h: torch.Tensor, keep: torch.Tensor, ckpt: bool) -> torch.Tensor:
+        """A conv stage's blocks at visible voxels only; the output map is zero at masked voxels.
+
+        Exactly the dense masked computation at visible voxels (every block op but the depthwise
+        conv is pointwise, and the conv input is zero at masked voxels either way); what is skipped
+        is work at masked voxels, which no visible token ever reads.
+        """
+        if len(stage.blocks) == 0:
+            return h
+        shape = tuple(h.shape)
+        vox = upsample_token_mask(keep, self.grid, shape[1]).permute(0, 2, 3, 4, 1).reshape(-1)
+        idx = vox.nonzero().squeeze(1)
+        rows = h.reshape(-1, shape[-1]).index_select(0, idx)
+        use_ckpt = ckpt and torch.is_grad_enabled()
+        for block in stage.blocks:
+            if use_ckpt:
+                rows = checkpoint(block.forward_rows, rows, idx, shape, use_reentrant=False)
+            else:
+                rows = block.forward_rows(rows, idx, shape)
+        return rows.new_zeros(math.prod(shape[:-1]), shape[-1]).index_copy(0, idx, rows).view(shape)
 
     def token_inputs(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense token embeddings and fusion terms on the full grid: both (N, L, E)."""

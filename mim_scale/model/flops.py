@@ -4,8 +4,10 @@ Counts multiply-adds of the matmuls and convolutions (x2 for FLOPs), including t
 score and value products; norms, activations, masking and the loss are left out (they are
 memory-bound, a few percent of the count). Training = 3 x forward (backward ~ 2 x forward), the
 usual MFU convention: recomputation under activation checkpointing is *not* counted.
-The conv stages run densely on every voxel of every view (masking is by multiplication), the
-transformer stage on the visible tokens only, the decoder on all L tokens of every view.
+In the conv stages the depthwise convs, patch embeddings and fusion convs run densely on every
+voxel of every view and the pointwise layers (1x1x1 convs, MLP) on visible voxels only (the
+encoder's sparse conv path); the transformer stage sees the visible tokens only, the decoder
+all L tokens of every view.
 """
 
 from __future__ import annotations
@@ -40,14 +42,18 @@ def forward_flops(cfg: Config) -> dict[str, float]:
     views = sum(nv for _, nv, _ in plan)
     chans = (m.in_channels,) + tuple(m.widths)
 
-    conv = 0.0
-    for i in range(n_stages - 1):
-        w, c_in = m.widths[i], chans[i]
-        pos = (v // 2 ** (i + 1)) ** 3
-        hidden = int(w * m.mlp_ratio)
-        conv += pos * 8 * c_in * w  # patch embedding
-        conv += m.conv_depths[i] * pos * (2 * w * w + m.conv_kernel**3 * w + 2 * w * hidden)
-    conv += length * (8 * m.widths[-2] * e + e * e)  # token embedding + token_proj
+    def conv_macs(visible_fraction: float) -> float:
+        macs = 0.0
+        for i in range(n_stages - 1):
+            w, c_in = m.widths[i], chans[i]
+            pos = (v // 2 ** (i + 1)) ** 3
+            hidden = int(w * m.mlp_ratio)
+            macs += pos * 8 * c_in * w  # patch embedding (dense)
+            # depthwise conv dense; the pointwise layers at visible voxels only (sparse conv path)
+            macs += m.conv_depths[i] * pos * (m.conv_kernel**3 * w + visible_fraction * (2 * w * w + 2 * w * hidden))
+        return macs + length * (8 * m.widths[-2] * e + e * e)  # token embedding + token_proj
+
+    conv = sum(nv * conv_macs(k / length) for _, nv, k in plan)
     fusion = sum(length * (2 ** (n_stages - 1 - i)) ** 3 * m.widths[i] * e for i in range(n_stages - 1))
 
     enc_hidden = int(e * m.mlp_ratio)
@@ -58,7 +64,7 @@ def forward_flops(cfg: Config) -> dict[str, float]:
     decoder += views * (m.decoder_depth * _block_macs(length, d, dec_hidden) + length * d * m.patch_size**3 * m.in_channels)
     # alignment: projector on parent and child, predictor on the child, two layers each
     align = sum(nv * 3 * 2 * d * d for level, nv, _ in plan if level >= 2)
-    macs = {"conv_stages": views * conv, "fusion": views * fusion, "encoder_transformer": transformer,
+    macs = {"conv_stages": conv, "fusion": views * fusion, "encoder_transformer": transformer,
             "decoder": decoder, "align": align}
     return {key: 2.0 * val for key, val in macs.items()}
 

@@ -106,6 +106,21 @@ class ConvBlock(nn.Module):
         x = x + self.pw2(h)
         return x + self.mlp(self.norm2(x))
 
+    def forward_rows(self, rows: torch.Tensor, idx: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The same block computed at visible voxels only.
+
+        rows: (P_vis, C) the visible voxels of a (N, D, H, W, C) map, in the order of ``idx`` (their
+        flat indices). Every operation but the depthwise conv is pointwise, so only the conv sees a
+        dense map: visible rows scattered into zeros, which is exactly ``keep * pw1(norm1(x))``.
+        Returns the block's output at the same rows, equal to :meth:`forward` there.
+        """
+        c = rows.shape[1]
+        h = self.pw1(self.norm1(rows))
+        dense = h.new_zeros(math.prod(shape[:-1]), c).index_copy(0, idx, h).view(*shape[:-1], c)
+        d = self.dw(dense.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1).reshape(-1, c).index_select(0, idx)
+        rows = rows + self.pw2(d)
+        return rows + self.mlp(self.norm2(rows))
+
 
 class Attention(nn.Module):
     """Multi-head self-attention. x: (N, K, E); key_valid: (N, K) bool (True = real token) or None."""

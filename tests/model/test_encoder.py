@@ -135,3 +135,23 @@ def test_encoder_rejects_bad_config_and_input():
     enc = build_encoder(load_config("tiny").model)
     with pytest.raises(ValueError, match=r"encoder input must be \(N, 1, 32, 32, 32\)"):
         enc.forward_masked(torch.rand(1, 1, 16, 16, 16), torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("which", sorted(CONFIGS))
+def test_sparse_conv_path_equals_the_dense_masked_path(which):
+    # visible-voxel-only conv blocks against ConvMAE's dense "multiply by the mask" form
+    cfg, enc, x, ids_keep, mask = _setup(CONFIGS[which])
+    enc.sparse_conv = True
+    stages_sparse, out_sparse = _visible_stage_outputs(enc, x, ids_keep)
+    out_sparse.sum().backward()
+    grads_sparse = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+    enc.zero_grad()
+    enc.sparse_conv = False
+    stages_dense, out_dense = _visible_stage_outputs(enc, x, ids_keep)
+    out_dense.sum().backward()
+    for a, b in zip(stages_sparse, stages_dense):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    torch.testing.assert_close(out_sparse, out_dense, rtol=0, atol=1e-10)
+    for n, p in enc.named_parameters():
+        if p.grad is not None or n in grads_sparse:
+            torch.testing.assert_close(grads_sparse[n], p.grad, rtol=1e-9, atol=1e-10, msg=n)

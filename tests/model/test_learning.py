@@ -6,7 +6,6 @@ predicting zeros (the normalised target's mean) at the masked tokens of each lev
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
