@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mim_scale.config import ModelConfig
-from mim_scale.model.layers import (ConvBlock, PatchEmbed, TransformerBlock, run_blocks,
+from mim_scale.model.layers import (ConvBlock, PatchEmbed, TransformerBlock, gather_rows, run_blocks,
                                     sincos_pos_embed_3d, trunc_normal_init)
 from mim_scale.model.ops import gather_tokens, upsample_token_mask
 
@@ -133,7 +133,7 @@ class HybridEncoder(nn.Module):
         shape = tuple(h.shape)
         vox = upsample_token_mask(keep, self.grid, shape[1]).permute(0, 2, 3, 4, 1).reshape(-1)
         idx = vox.nonzero().squeeze(1)
-        rows = h.reshape(-1, shape[-1]).index_select(0, idx)
+        rows = gather_rows(h.reshape(-1, shape[-1]), idx)
         use_ckpt = ckpt and torch.is_grad_enabled()
         for block in stage.blocks:
             if use_ckpt:
