@@ -55,27 +55,52 @@ class ShardInfo:
 
 
 def load_shard_list(location: str) -> list[ShardInfo]:
-    """Shards of a manifest (a manifest.json path or the folder holding it); URLs resolved against it."""
-    path = Path(location)
-    manifest_path = path / "manifest.json" if path.is_dir() else path
-    if not manifest_path.is_file():
-        raise UserFacingError(f"{manifest_path}: no shard manifest there (build one with `mim-scale shards build`)")
+    """Shards of a manifest; URLs resolved against it.
+
+    ``location``: a manifest.json path or the folder holding it, or ``s3://bucket/prefix/manifest.json``
+    (or ``s3://bucket/prefix/``, read with boto3). Shard URLs in the manifest may be relative (resolved
+    against the manifest's folder or S3 prefix), absolute paths, ``s3://`` URLs, or any URL WebDataset
+    opens (``pipe:...``, ``http://...``). ``s3://`` shards are read through
+    ``pipe:python -m mim_scale.data.s3cat s3://...`` (see :mod:`mim_scale.data.s3cat`: the endpoint comes
+    from ``AWS_ENDPOINT_URL``), so nothing is cached on local disk.
+    """
+    from mim_scale.data import s3cat
+
+    if location.startswith("s3://"):
+        manifest_url = location if location.endswith(".json") else location.rstrip("/") + "/manifest.json"
+        try:
+            text = s3cat.read_object(manifest_url).decode()
+        except Exception as exc:  # noqa: BLE001 - any fetch failure is reported with the URL
+            raise UserFacingError(f"{manifest_url}: cannot read the shard manifest ({type(exc).__name__}: {exc})") from exc
+        where, base = manifest_url, manifest_url.rsplit("/", 1)[0]
+    else:
+        path = Path(location)
+        manifest_path = path / "manifest.json" if path.is_dir() else path
+        if not manifest_path.is_file():
+            raise UserFacingError(f"{manifest_path}: no shard manifest there (build one with `mim-scale shards build`)")
+        text, where, base = manifest_path.read_text(), str(manifest_path), str(manifest_path.parent)
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserFacingError(f"{manifest_path}: not a valid manifest ({exc})") from exc
-    base = manifest_path.parent
+        raise UserFacingError(f"{where}: not a valid manifest ({exc})") from exc
     shards = []
     for entry in manifest.get("shards", []):
         url = str(entry["url"])
         if "://" not in url and not url.startswith("pipe:") and not Path(url).is_absolute():
-            url = str(base / url)
+            url = f"{base}/{url}"
+        if url.startswith("s3://"):
+            url = s3cat.pipe_url(url)
         datasets = entry.get("datasets") or {manifest.get("dataset", "default"): entry["samples"]}
         shards.append(ShardInfo(url=url, samples=int(entry["samples"]), datasets=dict(datasets)))
     shards = [s for s in shards if s.samples > 0]
     if not shards:
-        raise UserFacingError(f"{manifest_path}: the manifest lists no non-empty shards")
+        raise UserFacingError(f"{where}: the manifest lists no non-empty shards")
     return shards
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name, for logs and metrics (also for ``pipe:`` URLs)."""
+    return url.rstrip("'\"").rsplit("/", 1)[-1]
 
 
 def rewrite_urls(shards: list[ShardInfo], prefix_from: str, prefix_to: str) -> list[ShardInfo]:
@@ -243,7 +268,7 @@ class CropStream(IterableDataset):
                     continue
                 volume, meta = decoded[j]
                 crop = crop_window(volume, self.cfg.crop_size, offsets[(j, c)], self.cfg.hu_min, self.cfg.hu_max)
-                yield {"crop": crop, "meta": {"key": raw[j].get("__key__", ""), "shard": Path(shard.url).name,
+                yield {"crop": crop, "meta": {"key": raw[j].get("__key__", ""), "shard": shard_name(shard.url),
                                               "dataset": meta.get("dataset", ""), "pick": i, "crop_index": c}}
             raw.clear()
 
@@ -251,7 +276,7 @@ class CropStream(IterableDataset):
         try:
             yield from wds.tarfile_samples([{"url": shard.url}], handler=wds.reraise_exception)
         except Exception as exc:  # noqa: BLE001 - any read failure of one shard must not stop training
-            log.warning("skipping the rest of shard %s: %s", Path(shard.url).name, exc)
+            log.warning("skipping the rest of shard %s: %s", shard_name(shard.url), exc)
             yield {"__key__": "__corrupt__", "__error__": str(exc)}
 
     def _decode(self, sample: dict, shard: ShardInfo) -> tuple[np.ndarray, dict] | None:
@@ -263,7 +288,7 @@ class CropStream(IterableDataset):
                 raise ValueError(f"expected a 3-D int16 volume, got {volume.dtype} {volume.shape}")
             return volume, meta
         except Exception as exc:  # noqa: BLE001
-            log.warning("skipping corrupt sample %s in shard %s: %s", sample.get("__key__"), Path(shard.url).name, exc)
+            log.warning("skipping corrupt sample %s in shard %s: %s", sample.get("__key__"), shard_name(shard.url), exc)
             return None
 
 

@@ -51,6 +51,16 @@ class Reporter:
             final = self.run_dir / "checkpoints" / f"step_{metrics['step']:09d}"
             ckpt.commit_local(ckpt_dir, final, self.keep_last)
 
+    def cleanup_scratch(self, rank: int) -> None:
+        """Before anything is written (every rank calls this, then a barrier): rank 0 removes scratch
+        folders a killed run left behind, so a new save never mixes with stale files."""
+        if rank != 0:
+            return
+        import shutil
+
+        for stale in (self.run_dir / "checkpoints").glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+
     def scratch_dir(self, step: int) -> Path:
         path = self.run_dir / "checkpoints" / f"step_{step:09d}.tmp"
         path.mkdir(parents=True, exist_ok=True)
@@ -154,9 +164,12 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
 
     state = ckpt.TrainState(world_size=world, micro_batch=cfg.train.micro_batch, grad_accum=cfg.train.grad_accum,
                             stream_seed=cfg.data.seed, config=cfg.to_dict())
+    reporter.cleanup_scratch(rank)
+    if dist.is_initialized():
+        dist.barrier()  # no rank writes into a scratch folder before stale ones are gone
     resume_from = reporter.resume_dir()
     if resume_from is not None:
-        saved = ckpt.load(engine, resume_from)
+        saved = ckpt.load(engine, resume_from, rank=rank, world_size=world, scheduler=scheduler)
         state = _continue_state(saved, state, cfg, world)
         log.info("rank %d resumed from %s at step %d (%d samples seen)", rank, resume_from, state.step,
                  state.samples_seen)
@@ -175,6 +188,8 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
     result: dict[str, Any] = {"step": state.step}
     first_step_logged = False
     corrupt_seen: dict[int, int] = {}
+    corrupt_here = 0  # corrupt samples this rank skipped since the last checkpoint
+    corrupt_total = 0  # ... since this process started
 
     while state.step < cfg.train.steps:
         _inject(fault_spec, rank, state.step + 1, state.restarts)
@@ -182,6 +197,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
         sums: dict[str, float] = {}
         volumes = 0
         tokens = 0
+        digest = hashlib.sha256()
         for micro in range(cfg.train.grad_accum):
             t_wait = time.perf_counter()
             batch = next(batches)
@@ -189,9 +205,13 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
             for m in batch["meta"]:
                 volumes += m["crop_index"] == 0
                 new = m["corrupt"] - corrupt_seen.get(m["worker"], 0)
-                if new > 0 and metrics is not None:
-                    metrics.record_corrupt_skipped(new, m["shard"])
+                if new > 0:
+                    corrupt_here += new
+                    corrupt_total += new
+                    if metrics is not None:
+                        metrics.record_corrupt_skipped(new, m["shard"])
                 corrupt_seen[m["worker"]] = m["corrupt"]
+                digest.update(f"{m['shard']}/{m['key']}/{m['pick']}/{m['crop_index']};".encode())
             crops = batch["crop"].to(device=device, dtype=dtype, non_blocking=True)
             generator = torch.Generator(device=device).manual_seed(mask_seed(cfg.train.seed, state.step, micro, rank))
             out = engine(crops, generator=generator, progress=state.step / cfg.train.steps)
@@ -223,7 +243,8 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
         mfu = (flops * cfg.train.micro_batch * cfg.train.grad_accum) / (step_seconds * peak) if peak else None
         result = {"step": state.step, "samples_seen": state.samples_seen, "lr": lr, "step_seconds": step_seconds,
                   "data_wait_seconds": clock.data_wait, "grad_norm": _to_float(grad_norm), "mfu": mfu,
-                  "time_to_first_step_s": result.get("time_to_first_step_s"), **losses}
+                  "time_to_first_step_s": result.get("time_to_first_step_s"), "corrupt_skipped": corrupt_total,
+                  "data_digest": digest.hexdigest()[:16], **losses}
         if metrics is not None:
             metrics.record_step(step=state.step, step_seconds=step_seconds, data_wait_seconds=clock.data_wait,
                                 samples=cfg.train.micro_batch * cfg.train.grad_accum,
@@ -234,7 +255,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
             metrics.record_device_memory()
         if rank == 0 and (state.step % cfg.train.log_every == 0 or save_now):
             with open(history_path, "a") as f:
-                f.write(json.dumps({k: v for k, v in result.items() if v is not None}) + "\n")
+                f.write(json.dumps({k: v for k, v in result.items() if v is not None and k != "data_digest"}) + "\n")
             log.info("step %d/%d total %.4f (%s) %.2fs/step, data wait %.2fs", state.step, cfg.train.steps,
                      losses.get("total", float("nan")), ", ".join(f"{k} {v:.3f}" for k, v in losses.items()
                                                                   if k.startswith(("rec", "align"))),
@@ -246,11 +267,15 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
 
         if save_now:
             state.losses = {k: v for k, v in losses.items() if _finite(v)}
+            state.scheduler_epoch = int(scheduler.last_epoch) if scheduler is not None else state.step
+            state.corrupt_skipped += int(_sum_over_ranks(corrupt_here))
+            corrupt_here = 0
             t_save = time.perf_counter()
             scratch = reporter.scratch_dir(state.step)
             nbytes = ckpt.save(engine, scratch, state, rank)
-            if rank == 0:
-                _write_pictures(cfg, engine.module, crops, run_dir, state.step, history_path)
+            if rank == 0 or cfg.train.zero_stage == 3:
+                # under ZeRO-3 a forward gathers parameters collectively: every rank must run it
+                _write_pictures(cfg, engine.module, crops, run_dir, state.step, history_path, write=rank == 0)
             save_seconds = time.perf_counter() - t_save
             if metrics is not None:
                 metrics.record_checkpoint(save_seconds, nbytes)
@@ -281,6 +306,13 @@ def _continue_state(saved: ckpt.TrainState, fresh: ckpt.TrainState, cfg: Config,
     saved.stream_seed = int(mask_seed(saved.stream_seed, saved.samples_seen, 0, 0) % (2**31))
     saved.batches_consumed_per_rank = 0
     return saved
+
+
+def _sum_over_ranks(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
 
 
 def _finite(x: float) -> bool:
@@ -328,8 +360,10 @@ def _hostname() -> str:
     return socket.gethostname()
 
 
-def _write_pictures(cfg: Config, model, crops: torch.Tensor, run_dir: Path, step: int, history_path: Path) -> None:
-    """Reconstruction and loss-curve PNGs beside the run (rank 0, at each checkpoint)."""
+def _write_pictures(cfg: Config, model, crops: torch.Tensor, run_dir: Path, step: int, history_path: Path,
+                    write: bool = True) -> None:
+    """Reconstruction and loss-curve PNGs beside the run (rank 0, at each checkpoint). With ``write``
+    False only the forward runs (ZeRO-3's other ranks)."""
     try:
         from mim_scale.pictures import save_loss_curves_png, save_reconstruction_png
     except ImportError:
@@ -342,6 +376,8 @@ def _write_pictures(cfg: Config, model, crops: torch.Tensor, run_dir: Path, step
         generator = torch.Generator(device=crops.device).manual_seed(cfg.train.seed)
         recon = model.reconstruct(crops[:2], generator=generator)
     model.train(was_training)
+    if not write:
+        return
     save_reconstruction_png(recon, pictures / f"reconstruction_step{step:07d}.png")
     save_reconstruction_png(recon, pictures / "reconstruction_latest.png")
     if history_path.is_file():

@@ -1,0 +1,217 @@
+"""Layout-free training state: full fp32 master weights and AdamW moments, one tensor per parameter.
+
+Why. DeepSpeed's own checkpoint is exact only on the layout that wrote it (its ZeRO partitions are
+flat slices cut for that many ranks), and its files are pickles. Beside it every checkpoint carries
+``full_state.safetensors`` with, for each parameter name ``n``:
+
+    param/n        fp32 master weights (the optimizer's copy, not the bf16/fp16 module weights)
+    exp_avg/n      AdamW first moment, fp32
+    exp_avg_sq/n   AdamW second moment, fp32
+
+and the optimizer step count in the safetensors metadata. This is the *consolidate-and-reshard* way of
+resuming on another worker count (chosen over ``ds_to_universal``, which expects Megatron-style
+``universal_checkpoint_info`` in the model states and pickled shards): gather with DeepSpeed's
+``safe_get_full_*`` (ZeRO 1-3 and DeepSpeed's BF16_Optimizer; without ZeRO, bf16 runs use DeepSpeed's
+FP16_Optimizer whose flat fp32 masters are read directly), and after building the engine on the
+new layout, scatter with ``safe_set_full_*``. It is also the fp32 export source for every ZeRO stage,
+read with no unpickling. Cost: rank 0 writes 12 bytes per parameter per checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FILE = "full_state.safetensors"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    opt = engine.optimizer
+    while hasattr(opt, "optimizer") and isinstance(getattr(opt, "optimizer"), torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def _optimizer_step(engine) -> int:
+    opt = _base_optimizer(engine)
+    steps = [int(float(s["step"])) for s in opt.state.values() if "step" in s]
+    steps += [int(g["step"]) for g in opt.param_groups if "step" in g]
+    return max(steps, default=0)
+
+
+def _ensure_moments(engine, step: int) -> None:
+    """Create AdamW state where the optimizer has not taken a step yet (states are created lazily)."""
+    opt = _base_optimizer(engine)
+    for group in opt.param_groups:
+        if "step" in group:  # DeepSpeed's FusedAdam counts steps per group
+            group["step"] = step
+        for p in group["params"]:
+            state = opt.state[p]
+            for key in MOMENTS:
+                if key not in state:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if "step" not in group:
+                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def _link_moments(engine) -> None:
+    """Point DeepSpeed's per-parameter fragment maps at the optimizer's (lazily created) moment tensors."""
+    wrapper = engine.optimizer
+    if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+        wrapper._hp_optimizer_states_linked = False
+        wrapper._lazy_init_hp_params_optimizer_state()
+
+
+def _flat_masters(engine) -> dict[int, tuple[torch.Tensor, int]]:
+    """DeepSpeed's FP16_Optimizer (also used for bf16 without ZeRO) keeps, per group, one flat fp32 master
+    the module's low-precision params are views of in order: param id -> (flat master, offset)."""
+    wrapper = engine.optimizer
+    out = {}
+    if hasattr(wrapper, "fp32_groups") and hasattr(wrapper, "fp16_groups"):  # FP16_UnfusedOptimizer
+        for masters, params in zip(wrapper.fp32_groups, wrapper.fp16_groups):
+            for master, p in zip(masters, params):
+                out[id(p)] = (master.view(-1), 0)
+        return out
+    if not (hasattr(wrapper, "fp32_groups_flat") and hasattr(wrapper, "fp16_groups")):
+        return {}
+    for flat, params in zip(wrapper.fp32_groups_flat, wrapper.fp16_groups):
+        offset = 0
+        for p in params:
+            out[id(p)] = (flat, offset)
+            offset += p.numel()
+    return out
+
+
+def _state_of(opt: torch.optim.Optimizer, flat: torch.Tensor) -> dict:
+    """Optimizer state of a master (``flat`` may be a view of the tensor the optimizer steps)."""
+    for p, state in opt.state.items():
+        if p is flat or (p.data_ptr() == flat.data_ptr() and p.numel() == flat.numel()):
+            return state
+    return {}
+
+
+def _flat_view(flat: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor:
+    return flat.narrow(0, offset, p.numel()).view(p.shape)
+
+
+def gather(engine) -> tuple[dict[str, torch.Tensor], int]:
+    """Collective: every rank gets (tensors as in the module doc, optimizer step). CPU fp32 tensors."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    opt = _base_optimizer(engine)
+    step = _optimizer_step(engine)
+    _ensure_moments(engine, step)  # zeros where no step has run yet, so every rank gathers the same keys
+    _link_moments(engine)
+    out: dict[str, torch.Tensor] = {}
+    flats = _flat_masters(engine)
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        master = safe_get_full_fp32_param(p)
+        if id(p) in flats:
+            flat, offset = flats[id(p)]
+            master = _flat_view(flat, offset, p)
+            state = _state_of(opt, flat)
+            moments = {k: _flat_view(state[k].view(-1), offset, p) if k in state else torch.zeros_like(master)
+                       for k in MOMENTS}
+        elif master is None:  # no ZeRO, no low-precision optimizer: the module holds the masters
+            master = p.detach()
+            moments = {k: opt.state.get(p, {}).get(k, torch.zeros_like(p)) for k in MOMENTS}
+        else:
+            # collective per call: never skipped on one rank only (moments exist, see _ensure_moments)
+            moments = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
+        out[f"param/{name}"] = master.detach().float().cpu().contiguous().clone()
+        for k, v in moments.items():
+            out[f"{k}/{name}"] = v.detach().float().cpu().contiguous().clone().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+    for name, b in engine.module.named_buffers():
+        if b is not None and b.is_floating_point() or (b is not None and b.dtype in (torch.int64, torch.int32)):
+            out[f"buffer/{name}"] = b.detach().cpu().contiguous().clone()
+    return out, step
+
+
+def save(engine, ckpt_dir: Path, rank: int) -> None:
+    """Collective: gather, then rank 0 writes ``full_state.safetensors`` into ``ckpt_dir``."""
+    from safetensors.torch import save_file
+
+    tensors, step = gather(engine)
+    if rank == 0:
+        tmp = Path(ckpt_dir) / f".{FILE}.tmp"
+        save_file(tensors, str(tmp), metadata={"optimizer_step": str(step), "format": "mim-scale-full-state-1"})
+        tmp.replace(Path(ckpt_dir) / FILE)
+
+
+def read(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
+    from safetensors import safe_open
+
+    path = Path(ckpt_dir) / FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (checkpoints written before full-state saving cannot be resharded)")
+    tensors = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+    return tensors, int(meta.get("optimizer_step", 0))
+
+
+def master_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The module's state dict with fp32 master weights (floating buffers cast to fp32)."""
+    tensors, _ = read(ckpt_dir)
+    out = {}
+    for key, v in tensors.items():
+        kind, _, name = key.partition("/")
+        if kind == "param":
+            out[name] = v
+        elif kind == "buffer":
+            out[name] = v.float() if v.is_floating_point() else v
+    return out
+
+
+def restore(engine, ckpt_dir: Path) -> int:
+    """Collective: load masters and moments into an engine of any layout; returns the optimizer step.
+
+    The module (low-precision) weights are set to the masters cast down, which is what every DeepSpeed
+    optimizer holds after a step.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    tensors, step = read(ckpt_dir)
+    _ensure_moments(engine, step)
+    _link_moments(engine)
+    opt = _base_optimizer(engine)
+    params = dict(engine.module.named_parameters())
+    missing = sorted(n for n, p in params.items() if p.requires_grad and f"param/{n}" not in tensors)
+    if missing:
+        raise ValueError(f"{ckpt_dir / FILE}: no saved state for parameters {missing[:5]} (model changed?)")
+    flats = _flat_masters(engine)
+    for name, p in params.items():
+        if not p.requires_grad:
+            continue
+        master = tensors[f"param/{name}"]
+        if id(p) in flats:
+            flat, offset = flats[id(p)]
+            with torch.no_grad():
+                _flat_view(flat, offset, p).copy_(master)
+                state = _state_of(opt, flat)
+                for k in MOMENTS:
+                    _flat_view(state[k].view(-1), offset, p).copy_(tensors[f"{k}/{name}"])
+        elif hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            device = p.device
+            safe_set_full_fp32_param(p, master.to(device))
+            for k in MOMENTS:
+                safe_set_full_optimizer_state(p, tensors[f"{k}/{name}"].to(device), k)
+        else:
+            state = opt.state[p]
+            for k in MOMENTS:
+                state[k] = tensors[f"{k}/{name}"].to(p.device).clone()
+        if hasattr(p, "ds_id"):  # ZeRO-3: the module weight is partitioned; gather, set, re-partition
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if torch.distributed.get_rank() == 0:
+                    p.data.copy_(master.to(p.dtype))
+        else:
+            with torch.no_grad():
+                p.data.copy_(master.to(device=p.device, dtype=p.dtype))
+    return step
