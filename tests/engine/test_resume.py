@@ -16,7 +16,8 @@ STEPS = 20
 
 @pytest.fixture(scope="module")
 def pair(engine_shards, tiny_config, tmp_path_factory):
-    """Straight 20 steps, and the same run stopped by a SIGTERM on rank 1 after step 10, then resumed."""
+    """Straight 20 steps, and the same run stopped by a SIGTERM on rank 1 after step 10 (saved at 11), then
+    resumed."""
     root = tmp_path_factory.mktemp("resume")
     common = (f"train.steps={STEPS}", "train.zero_stage=2", "train.grad_accum=2", "train.checkpoint_every=0")
     straight = Job(tiny_config(engine_shards, *common), root / "straight")
@@ -30,10 +31,11 @@ def pair(engine_shards, tiny_config, tmp_path_factory):
 
 def test_sigterm_on_one_rank_saves_at_agreed_step(pair):
     _, split, first_half = pair
-    # the signal reached rank 1 only; both ranks stopped after the same step with one checkpoint
-    assert [r["step"] for r in first_half[0]][-1] == 10 and [r["step"] for r in first_half[1]][-1] == 10
+    # the signal reached rank 1 only, after step 10's agreement; both ranks agreed on it at step 11,
+    # saved there together and stopped
+    assert first_half[0][-1]["step"] == 11 and first_half[1][-1]["step"] == 11
     names = sorted(p.name for p in (split.run_dir / "checkpoints").iterdir())
-    assert names[0] == "step_000000010"
+    assert names[0] == "step_000000011"
 
 
 def test_straight_equals_resumed(pair):
@@ -83,7 +85,7 @@ def test_resume_on_other_worker_count(engine_shards, tiny_config, tmp_path, work
     stage = 2
     base = ("train.steps=14", f"train.zero_stage={stage}", "train.checkpoint_every=7", "train.keep_last=4")
     first = tiny_config(engine_shards, *base, "train.grad_accum=3")
-    launch_local(first, tmp_path, 2, sigterm_at=(0, 7))
+    launch_local(first, tmp_path, 2, sigterm_at=(0, 6))  # agreed, saved and stopped at 7
     saved = ckpt.TrainState.read(ckpt.latest_checkpoint(tmp_path / "checkpoints"))
     assert saved.step == 7 and saved.samples_seen == 42 and saved.global_batch == 6
     before = step_log(tmp_path, 0)
