@@ -12,8 +12,9 @@ data: crops/s on one core of our shard stream against MONAI's uncached ``LoadIma
     keep the native grid (no Spacingd); our shards are built at ``--spacing`` (1.5 mm), so ours also did the
     resampling, once, at build time.
 wait: fraction of step time a 2-worker tiny run (2 processes, gloo) spends waiting for data.
-memory: peak RSS per worker, ZeRO-0 against ZeRO-3, 2 workers, on an MLP whose parameters and AdamW state
-    dominate memory (fp32).
+memory: peak RSS per worker, ZeRO-0 against ZeRO-3 (model built whole, then partitioned by initialize, as
+    the engine does; and built under ``deepspeed.zero.Init``), 2 workers, on an MLP whose parameters and
+    AdamW state dominate memory (fp32).
 Figures go to stdout as JSON lines; the machine must be quiet for the numbers to mean much.
 """
 
@@ -56,7 +57,7 @@ def bench_data(args) -> dict:
             niftis.append(write_nifti(phantom(shape, seed=i), work / f"phantom{i}.nii.gz", spacing=(0.8, 0.8, 1.5)))
         source_bytes = sum(p.stat().st_size for p in niftis)
         report = build_shards([str(p) for p in niftis], work / "shards", spacing=args.spacing, workers=0,
-                              progress=False)
+                              progress=False, codec=args.codec)
         raw_int16 = 2 * report.voxels
         k, size, passes = args.k, args.crop, args.passes
         n_vol = len(niftis)
@@ -82,10 +83,10 @@ def bench_data(args) -> dict:
         rand = [RandSpatialCropSamplesd(keys="image", roi_size=(size,) * 3, num_samples=k, random_size=False)]
         items = [{"image": str(p)} for p in niftis]
 
-        def run(ds) -> float:
+        def run(ds, n_passes: int = passes) -> float:
             crops = 0
             t0 = time.perf_counter()
-            for _ in range(passes):
+            for _ in range(n_passes):
                 for i in range(len(ds)):
                     crops += len(ds[i])
             return crops / (time.perf_counter() - t0)
@@ -103,11 +104,11 @@ def bench_data(args) -> dict:
 
         cache = work / "persistent_cache"
         pds = CountingPersistentDataset(items, Compose(det + rand), cache_dir=cache)
-        cold = run(pds)
+        cold = run(pds, 1)
         cold_misses, misses["n"] = misses["n"], 0
         warm = run(pds)
         record = {
-            "bench": "data", "volumes": n_vol, "phantom_shape": shape, "crop": size, "k": k, "passes": passes,
+            "bench": "data", "codec": args.codec, "volumes": n_vol, "phantom_shape": shape, "crop": size, "k": k, "passes": passes,
             "crops_per_s_per_core": {"ours_shards": round(ours, 2), "monai_uncached": round(uncached, 2),
                                      "monai_persistent_cold": round(cold, 2), "monai_persistent_warm": round(warm, 2)},
             "ratio_vs_uncached": round(ours / uncached, 2), "ratio_vs_persistent_warm": round(ours / warm, 2),
@@ -152,7 +153,8 @@ def bench_wait(args) -> dict:
 
 
 # -- (c) memory ---------------------------------------------------------------------------------------
-def _memory_worker(rank: int, world: int, port: int, stage: int, width: int, layers: int, out: str) -> None:
+def _memory_worker(rank: int, world: int, port: int, stage: int, width: int, layers: int, out: str,
+                   zero_init: bool = False) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
     import deepspeed
@@ -160,11 +162,21 @@ def _memory_worker(rank: int, world: int, port: int, stage: int, width: int, lay
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
-    params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4 * world,
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    if stage:
+        # buckets sized like the engine's (deepspeed_engine.deepspeed_config), well below one layer's numel
+        config["zero_optimization"].update({"reduce_bucket_size": 5e6, "allgather_bucket_size": 5e6,
+                                            "stage3_prefetch_bucket_size": 5e6, "stage3_max_live_parameters": 2e7,
+                                            "stage3_param_persistence_threshold": 1e4, "overlap_comm": False})
+    if zero_init:  # parameters partitioned as they are created: no rank ever holds the full model
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+        params = sum(p.ds_numel for p in model.parameters())
+    else:
+        model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+        params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
     for _ in range(3):
         x = torch.randn(4, width)
@@ -172,7 +184,12 @@ def _memory_worker(rank: int, world: int, port: int, stage: int, width: int, lay
         engine.backward(loss)
         engine.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"peak_rss": peak, "base_rss": base, "params": params}))
+    import gc
+
+    gc.collect()
+    now = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"peak_rss": peak, "base_rss": base, "params": params,
+                                                         "rss_after_steps": now}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -183,18 +200,20 @@ def bench_memory(args) -> dict:
     from mim_scale.engine.local import free_port
 
     record = {"bench": "memory", "world": 2, "precision": "fp32"}
-    for stage in (0, 3):
+    for name, stage, zero_init in (("zero0", 0, False), ("zero3", 3, False), ("zero3_init", 3, True)):
         out = tempfile.mkdtemp(prefix="mim-bench-mem-", dir=args.workdir)
-        mp.start_processes(_memory_worker, args=(2, free_port(), stage, args.width, args.layers, out), nprocs=2,
-                           start_method="spawn")
+        mp.start_processes(_memory_worker, args=(2, free_port(), stage, args.width, args.layers, out, zero_init),
+                           nprocs=2, start_method="spawn")
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
         shutil.rmtree(out, ignore_errors=True)
         record["params"] = ranks[0]["params"]
-        record[f"zero{stage}"] = {"peak_rss_mib": [round(r["peak_rss"] / 2**20, 1) for r in ranks],
-                                  "growth_over_start_mib": [round((r["peak_rss"] - r["base_rss"]) / 2**20, 1) for r in ranks]}
+        record[name] = {"peak_rss_mib": [round(r["peak_rss"] / 2**20, 1) for r in ranks],
+                                  "growth_over_start_mib": [round((r["peak_rss"] - r["base_rss"]) / 2**20, 1) for r in ranks],
+                                  "rss_after_steps_mib": [round(r["rss_after_steps"] / 2**20, 1) for r in ranks]}
     record["param_plus_adam_fp32_mib"] = round(record["params"] * 16 / 2**20, 1)  # weights, grads, 2 moments
-    record["ratio_zero0_over_zero3_growth"] = round(np.mean(record["zero0"]["growth_over_start_mib"])
-                                                    / max(1e-9, np.mean(record["zero3"]["growth_over_start_mib"])), 2)
+    for name in ("zero3", "zero3_init"):
+        record[f"ratio_zero0_over_{name}_growth"] = round(np.mean(record["zero0"]["growth_over_start_mib"])
+                                                          / max(1e-9, np.mean(record[name]["growth_over_start_mib"])), 2)
     _emit(record)
     return record
 
@@ -206,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phantoms", type=int, default=1)
     parser.add_argument("--phantom-shape", default="150,256,256", help="D,H,W of each phantom (issue: 300,512,512)")
     parser.add_argument("--spacing", type=float, default=1.5)
+    parser.add_argument("--codec", default="npy.gz", choices=("npy.gz", "npy"), help="shard codec (data)")
     parser.add_argument("--crop", type=int, default=96)
     parser.add_argument("--k", type=int, default=2, help="crops per volume read, both sides")
     parser.add_argument("--passes", type=int, default=2)
