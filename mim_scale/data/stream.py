@@ -28,7 +28,10 @@ import io
 import json
 import logging
 import math
+import os
 import random
+import re
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,6 +276,9 @@ class CropStream(IterableDataset):
             raw.clear()
 
     def _members(self, shard: ShardInfo) -> Iterator[dict]:
+        if _is_local(shard.url):
+            yield from local_members(shard.url)
+            return
         try:
             yield from wds.tarfile_samples([{"url": shard.url}], handler=wds.reraise_exception)
         except Exception as exc:  # noqa: BLE001 - any read failure of one shard must not stop training
@@ -290,6 +296,65 @@ class CropStream(IterableDataset):
         except Exception as exc:  # noqa: BLE001
             log.warning("skipping corrupt sample %s in shard %s: %s", sample.get("__key__"), shard_name(shard.url), exc)
             return None
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:") and Path(url).is_file()
+
+
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension split
+
+
+def local_members(path: str) -> Iterator[dict]:
+    """Samples of a local shard, grouped like ``webdataset.tarfile_samples``, without copying volumes.
+
+    An uncompressed ``.npy`` member is returned as a read-only ``np.memmap`` into the tar file, so a
+    crop reads only its own pages (from the page cache after the first read) instead of the whole volume;
+    other members (``.npy.gz``, ``.json``) as bytes. A truncated or unreadable shard ends with a sample
+    carrying ``__error__`` (skipped and counted by the stream).
+    """
+    current: dict[str, Any] | None = None
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            size = os.fstat(f.fileno()).st_size
+            for info in tar:
+                if not info.isfile():
+                    continue
+                m = _MEMBER.match(info.name)
+                if m is None:
+                    continue
+                key, ext = m.groups()
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": path}
+                if info.offset_data + info.size > size:
+                    raise EOFError(f"member {info.name} runs past the end of the file")
+                if ext == "npy":
+                    f.seek(info.offset_data)
+                    version = np.lib.format.read_magic(f)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        raise ValueError(f"member {info.name}: .npy format version {version} not supported")
+                    shape, fortran, dtype = read_header(f)  # a literal dict header: nothing unpickled
+                    if dtype.hasobject:
+                        raise ValueError(f"member {info.name}: object arrays are not allowed")
+                    current[ext] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                                             order="F" if fortran else "C")
+                else:
+                    f.seek(info.offset_data)
+                    data = f.read(info.size)
+                    if len(data) != info.size:
+                        raise EOFError(f"member {info.name} is truncated")
+                    current[ext] = data
+    except Exception as exc:  # noqa: BLE001 - any read failure of one shard must not stop training
+        log.warning("skipping the rest of shard %s: %s", shard_name(path), exc)
+        yield {"__key__": "__corrupt__", "__error__": str(exc)}
+        return
+    if current is not None:
+        yield current
 
 
 def collate(items: list[dict]) -> dict:
