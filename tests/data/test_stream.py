@@ -125,3 +125,49 @@ def test_truncated_shard_is_skipped_and_counted(shard_dir, tmp_path):
     metas = [m for b in batches for m in b["meta"]]
     assert max(m["corrupt"] for m in metas) >= 1
     assert {m["shard"] for m in metas} >= {"shard-0000.tar", "shard-0002.tar"}
+
+
+def _npy_shards(real_volume, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    vols = [real_volume[i * 12:i * 12 + 50] for i in range(3)]
+    with wds.TarWriter(str(folder / "shard-0000.tar"), encoder=False) as tar:
+        for i, vol in enumerate(vols):
+            key = f"v{i:03d}"
+            meta = {"key": key, "dataset": "d", "shape": list(vol.shape)}
+            tar.write({"__key__": key, "npy": encode_volume(vol, "npy"), "json": json.dumps(meta).encode()})
+    (folder / "manifest.json").write_text(json.dumps({"shards": [{"url": "shard-0000.tar", "samples": 3}]}))
+    return folder
+
+
+def test_local_memmap_path_equals_webdataset_path(real_volume, tmp_path):
+    """Local shards are read through a tar index with .npy members memory-mapped; the crops must equal
+    those of webdataset's streaming reader (the path used for pipe:/http shards)."""
+    from dataclasses import replace
+
+    from mim_scale.data.stream import local_members
+
+    folder = _npy_shards(real_volume, tmp_path / "npy")
+    samples = list(local_members(str(folder / "shard-0000.tar")))
+    assert [s["__key__"] for s in samples] == ["v000", "v001", "v002"]
+    assert isinstance(samples[0]["npy"], np.memmap)
+    np.testing.assert_array_equal(samples[1]["npy"], real_volume[12:62])
+    local = load_shard_list(str(folder))
+    piped = [replace(s, url=f"pipe:cat {s.url}") for s in local]
+    cfg = _cfg(crop_size=40, crops_per_volume=3, shuffle_buffer=2)
+    a = _take(make_loader(cfg, local, rank=0, world_size=1, batch_size=2), 6)
+    b = _take(make_loader(cfg, piped, rank=0, world_size=1, batch_size=2), 6)
+    for x, y in zip(a, b):
+        assert torch.equal(x["crop"], y["crop"])
+        assert [m["key"] for m in x["meta"]] == [m["key"] for m in y["meta"]]
+
+
+def test_truncated_npy_shard_on_the_memmap_path(real_volume, tmp_path):
+    from mim_scale.data.stream import local_members
+
+    folder = _npy_shards(real_volume, tmp_path / "npy")
+    shard = folder / "shard-0000.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: int(len(data) * 0.6)])
+    samples = list(local_members(str(shard)))
+    assert samples[-1]["__key__"] == "__corrupt__" and "__error__" in samples[-1]
+    assert [s["__key__"] for s in samples[:-1]] == ["v000"]  # the complete volume before the cut survives
