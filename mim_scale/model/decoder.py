@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mim_scale.model.layers import TransformerBlock, run_blocks, sincos_pos_embed_3d, trunc_normal_init
+from mim_scale.model.layers import Linear, TransformerBlock, run_blocks, sincos_pos_embed_3d
 from mim_scale.model.ops import scatter_tokens
 
 
@@ -27,12 +27,11 @@ class MaskedDecoder(nn.Module):
         self.grid = grid
         self.num_tokens = grid**3
         self.activation_checkpointing = activation_checkpointing
-        self.embed = nn.Linear(embed_dim, dim)
+        self.embed = Linear(embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, qkv_bias) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, patch_size**3 * in_channels)
-        trunc_normal_init(self)
+        self.head = Linear(dim, patch_size**3 * in_channels)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, latent: torch.Tensor, ids_keep: torch.Tensor,

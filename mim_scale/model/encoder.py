@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mim_scale.config import ModelConfig
 from mim_scale.model.layers import (ConvBlock, PatchEmbed, TransformerBlock, gather_rows, run_blocks,
-                                    sincos_pos_embed_3d, trunc_normal_init)
+                                    Conv3d, Linear, sincos_pos_embed_3d)
 from mim_scale.model.ops import gather_tokens, upsample_token_mask
 
 KEY_SCHEMA_VERSION = 1
@@ -84,13 +84,12 @@ class HybridEncoder(nn.Module):
         self.stages = nn.ModuleList(
             ConvStage(chans[i], widths[i], cfg.conv_depths[i], cfg.conv_kernel, cfg.mlp_ratio) for i in range(n - 1))
         self.token_embed = PatchEmbed(widths[-2], widths[-1])
-        self.token_proj = nn.Linear(widths[-1], widths[-1])
+        self.token_proj = Linear(widths[-1], widths[-1])
         self.blocks = nn.ModuleList(
             TransformerBlock(widths[-1], cfg.encoder_heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.encoder_depth))
         self.fusion = nn.ModuleList(
-            nn.Conv3d(widths[i], widths[-1], kernel_size=2 ** (n - 1 - i), stride=2 ** (n - 1 - i)) for i in range(n - 1))
+            Conv3d(widths[i], widths[-1], kernel_size=2 ** (n - 1 - i), stride=2 ** (n - 1 - i)) for i in range(n - 1))
         self.norm = nn.LayerNorm(widths[-1])
-        trunc_normal_init(self)
 
     # -- pieces -------------------------------------------------------------------------------
 

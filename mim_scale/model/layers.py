@@ -46,6 +46,36 @@ def sincos_pos_embed_3d(grid: int, dim: int, device: torch.device | None = None,
     return _sincos_cpu(grid, dim).to(device=device, dtype=dtype)
 
 
+def _init_conv_(conv: nn.Conv3d) -> None:
+    w = conv.weight
+    fan_in = w.shape[1] * math.prod(w.shape[2:])
+    fan_out = w.shape[0] * math.prod(w.shape[2:]) // max(conv.groups, 1)
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    nn.init.uniform_(w, -bound, bound)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` with MAE's init (xavier-uniform weight, zero bias), applied inside the
+    constructor: under ZeRO-3's ``deepspeed.zero.Init`` a module's parameters are partitioned as
+    soon as its constructor returns, so initialising from a parent afterwards would see empty shards."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        nn.init.xavier_uniform_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` with a xavier-uniform init (fan over the kernel), zero bias, in the constructor."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _init_conv_(self)
+
+
 class Mlp(nn.Module):
     """Linear -> GELU -> Linear on the last dimension."""
 
@@ -53,8 +83,8 @@ class Mlp(nn.Module):
         super().__init__()
         if dim <= 0 or hidden <= 0:
             raise ValueError(f"Mlp needs positive sizes, got dim={dim}, hidden={hidden}")
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, out or dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, out or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -69,7 +99,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.proj = nn.Conv3d(in_ch, out_ch, kernel_size=2, stride=2)
+        self.proj = Conv3d(in_ch, out_ch, kernel_size=2, stride=2)
         self.norm = nn.LayerNorm(out_ch)
 
     def forward(self, x: torch.Tensor, channels_first_input: bool = False) -> torch.Tensor:
@@ -119,6 +149,7 @@ class DepthwiseConv3d(nn.Conv3d):
 
     def __init__(self, dim: int, kernel: int):
         super().__init__(dim, dim, kernel_size=kernel, padding=kernel // 2, groups=dim)
+        _init_conv_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or not torch.is_grad_enabled():
@@ -163,9 +194,9 @@ class ConvBlock(nn.Module):
         if kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"depthwise kernel must be a positive odd number, got {kernel}")
         self.norm1 = nn.LayerNorm(dim)
-        self.pw1 = nn.Linear(dim, dim)
+        self.pw1 = Linear(dim, dim)
         self.dw = DepthwiseConv3d(dim, kernel)
-        self.pw2 = nn.Linear(dim, dim)
+        self.pw2 = Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -201,8 +232,8 @@ class Attention(nn.Module):
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
         self.heads = heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
         n, k, e = x.shape
@@ -236,23 +267,3 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *extra, checkpointing: bo
         else:
             x = block(x, *extra)
     return x
-
-
-def trunc_normal_init(module: nn.Module) -> None:
-    """MAE-style init: xavier-uniform linears, zero biases, unit norms; convs as linears."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv3d):
-            w = m.weight
-            fan_in = w.shape[1] * math.prod(w.shape[2:])
-            fan_out = w.shape[0] * math.prod(w.shape[2:]) // max(m.groups, 1)
-            bound = math.sqrt(6.0 / (fan_in + fan_out))
-            nn.init.uniform_(w, -bound, bound)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)

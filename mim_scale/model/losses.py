@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mim_scale.model.layers import Mlp, trunc_normal_init
+from mim_scale.model.layers import Mlp
 
 ALIGN_VARIANTS = ("simsiam", "reference")
 
@@ -20,7 +20,6 @@ class AlignHead(nn.Module):
         super().__init__()
         self.projector = Mlp(dim, dim)
         self.predictor = Mlp(dim, dim)
-        trunc_normal_init(self)
 
 
 def alignment_loss(parent: torch.Tensor, child: torch.Tensor, head: AlignHead,

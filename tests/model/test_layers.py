@@ -58,3 +58,21 @@ def test_sincos_pos_embed_is_fixed_and_distinct():
     assert torch.all(pe[:, 60:] == 0)  # 64 = 3 axes x 20 channels + 4 zero channels
     assert torch.unique(pe, dim=0).shape[0] == 216  # every token gets its own code
     torch.testing.assert_close(pe, sincos_pos_embed_3d(6, 64))
+
+
+def test_init_happens_in_each_leaf_constructor():
+    # ZeRO-3 (deepspeed.zero.Init) partitions a module's parameters as soon as its constructor
+    # returns, so the MAE init must happen there, not from a parent afterwards
+    from mim_scale.config import load_config
+    from mim_scale.model import build_model
+    from mim_scale.model.layers import Conv3d, Linear
+
+    torch.manual_seed(0)
+    lin = Linear(300, 200)
+    assert torch.all(lin.bias == 0)
+    assert float(lin.weight.detach().std()) == pytest.approx((2 / 500) ** 0.5, rel=0.05)
+    conv = Conv3d(8, 16, kernel_size=2, stride=2)
+    assert torch.all(conv.bias == 0)
+    model = build_model(load_config("tiny"))
+    leaf_types = {type(m) for m in model.modules() if not list(m.children()) and list(m.parameters(recurse=False))}
+    assert torch.nn.Linear not in leaf_types and torch.nn.Conv3d not in leaf_types  # only the self-initialising kinds
