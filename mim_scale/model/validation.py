@@ -145,10 +145,20 @@ def build_validation_set(volumes_hu: list[np.ndarray], cfg: Config, num_crops: i
     size = cfg.data.crop_size
     crops = torch.cat([random_crops(volumes_hu[i % len(volumes_hu)], size, 1, rng, cfg.data.hu_min, cfg.data.hu_max)
                        for i in range(num_crops)])
+    return validation_set_from_crops(crops, cfg, seed)
+
+
+def validation_set_from_crops(crops: torch.Tensor, cfg: Config, seed: int = 0) -> ValidationSet:
+    """A validation set from crops already cut (e.g. the first batches of the data stream):
+    crops (n, C, S, S, S) in [0, 1]; the masks are drawn on the CPU from ``seed``."""
+    s, c = cfg.data.crop_size, cfg.model.in_channels
+    if crops.dim() != 5 or tuple(crops.shape[1:]) != (c, s, s, s):
+        raise ValueError(f"crops must be (n, {c}, {s}, {s}, {s}), got {tuple(crops.shape)}")
+    crops = crops.detach().to("cpu", torch.float32).contiguous()
     gen = torch.Generator().manual_seed(seed)
-    draw = draw_masks(num_crops, cfg.model, cfg.masking, "cpu", gen)
+    draw = draw_masks(crops.shape[0], cfg.model, cfg.masking, "cpu", gen)
     mae_masking = dataclasses.replace(cfg.masking, levels=1)
-    draw_mae = draw_masks(num_crops, cfg.model, mae_masking, "cpu", gen)
+    draw_mae = draw_masks(crops.shape[0], cfg.model, mae_masking, "cpu", gen)
     return ValidationSet(crops, draw, draw_mae, _jsonable(dataclasses.asdict(cfg.model)),
                          _jsonable(dataclasses.asdict(cfg.masking)), seed)
 

@@ -13,7 +13,7 @@ from mim_scale.errors import UserFacingError
 from mim_scale.model import build_model, flops_per_sample
 from mim_scale.model.compare import compare_mim_mae, main as compare_main
 from mim_scale.model.validation import (ValidationSet, build_validation_set, load_ct_hu, mae_task_loss, random_crops,
-                                        select_draw, validation_losses)
+                                        select_draw, validation_losses, validation_set_from_crops)
 from mim_scale.model.views import make_views
 
 
@@ -110,3 +110,13 @@ def test_compare_command_line(ct_dir, tmp_path, capsys):
     rc = compare_main(["--config", "tiny", "--ct", str(tmp_path / "missing.nii.gz")])
     assert rc == 2
     assert "missing.nii.gz" in capsys.readouterr().err
+
+
+def test_validation_set_from_stream_crops(volume):
+    cfg = load_config("tiny")
+    crops = random_crops(volume, 64, 2, np.random.default_rng(3))
+    a = validation_set_from_crops(crops, cfg, seed=5)
+    b = validation_set_from_crops(crops.clone(), cfg, seed=5)
+    assert torch.equal(a.draw.ids3, b.draw.ids3) and torch.equal(a.crops, crops)
+    with pytest.raises(ValueError, match=r"crops must be \(n, 1, 64, 64, 64\)"):
+        validation_set_from_crops(crops[:, :, :32], cfg)
