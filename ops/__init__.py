@@ -2,8 +2,8 @@
 
 Every operation here has the signature and semantics of its plain-torch namesake in
 :mod:`mim_scale.ops.reference`. With the default backend ``"auto"``, CUDA tensors go to the fused Triton
-kernels (:mod:`mim_scale.ops.triton_ops`, autograd included) when triton imports; everything else goes to
-the reference. Override for a process with ``MIM_SCALE_OPS_BACKEND=auto|reference|triton``, or in code::
+kernels (:mod:`mim_scale.ops.triton_ops`, autograd included) for the operations that measured faster than
+eager torch on a GPU (:data:`AUTO_TRITON`), when triton imports; everything else goes to the reference. Override for a process with ``MIM_SCALE_OPS_BACKEND=auto|reference|triton``, or in code::
 
     from mim_scale import ops
     loss = ops.masked_norm_pix_mse(pred, vol, mask, p)      # (N, L, p^3 C), (N, C, D, H, W), (N, L)
@@ -36,6 +36,13 @@ except (ImportError, RuntimeError, OSError) as exc:  # a broken triton install m
 
 BACKENDS = ("auto", "reference", "triton")
 FUSED_OPS = ("masked_norm_pix_mse", "gather_tokens", "scatter_tokens", "make_views")
+
+# Which fused kernels "auto" uses on CUDA: only those measured faster than eager torch in the way the
+# model uses them (H200, docs/gpu-results/2026-11-26-h200/ops_bench.txt). The loss kernel is faster in
+# the forward pass alone (x1.61) but slower forward + backward (x0.84); gather and scatter are about 4x
+# slower than eager indexing; the view kernel is x1.94 faster (no backward needed). Use backend "triton"
+# to force them all.
+AUTO_TRITON = {"masked_norm_pix_mse": False, "gather_tokens": False, "scatter_tokens": False, "make_views": True}
 
 calls: collections.Counter = collections.Counter()  # (op name, "triton" | "reference") -> calls
 
@@ -84,7 +91,7 @@ def _use_triton(op: str, tensors: tuple[torch.Tensor, ...], eligible: bool = Tru
     elif _backend == "triton":
         use = True
     else:
-        use = all(t.is_cuda for t in tensors)
+        use = AUTO_TRITON.get(op, False) and all(t.is_cuda for t in tensors)
     if not torch.compiler.is_compiling():
         calls[(op, "triton" if use else "reference")] += 1
     return use
