@@ -76,6 +76,12 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
             z.update({"stage3_param_persistence_threshold": 1e4, "stage3_gather_16bit_weights_on_model_save": False})
         if t.offload_optimizer:
             z["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.launch.use_gpu}
+            if not (cfg.launch.use_gpu and torch.cuda.is_available()):
+                # on CPU the optimizer already runs where offload would put it: keep torch's AdamW rather
+                # than JIT-compiling DeepSpeedCPUAdam (~1 min) for no gain
+                ds["zero_force_ds_cpu_optimizer"] = False
+    elif t.offload_optimizer:
+        raise ValueError("train.offload_optimizer needs train.zero_stage >= 1 (ZeRO partitions what is offloaded)")
     return ds
 
 

@@ -33,6 +33,8 @@ def runs(engine_shards, tiny_config, tmp_path_factory):
     # a save every 0.1 s of wall time: every step saves; keep the last 2
     jobs["minutes"] = Job(tiny(engine_shards, "train.zero_stage=2", "train.steps=4", "train.checkpoint_minutes=0.0015",
                                "train.keep_last=2"), root / "minutes")
+    jobs["offload"] = Job(tiny(engine_shards, "train.zero_stage=2", "train.steps=4", "train.offload_optimizer=true"),
+                          root / "offload")
     results = launch_jobs(list(jobs.values()), workers=2)
     return {name: (job, res) for (name, job), res in zip(jobs.items(), results)}
 
@@ -93,3 +95,13 @@ def test_time_based_checkpoints_keep_last_k(runs):
     assert names == ["step_000000003", "step_000000004"]
     for name in names:
         assert (job.run_dir / "checkpoints" / name / "state.json").is_file()
+
+
+def test_cpu_offload_trains(runs):
+    job, results = runs["offload"]
+    assert results[0]["step"] == 4 and all(np.isfinite(r["total"]) for r in step_log(job.run_dir))
+    full = ckpt.consolidated_state_dict(ckpt.latest_checkpoint(job.run_dir / "checkpoints"))
+    torch.manual_seed(job.cfg.train.seed)
+    initial = build_model(job.cfg).state_dict()
+    build_model(job.cfg).load_state_dict(full, strict=True)
+    assert max((full[k] - initial[k]).abs().max().item() for k in full) > 1e-4
