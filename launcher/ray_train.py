@@ -319,7 +319,8 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
 
     ``fault`` injects one failure for drills (``raise:RANK:STEP`` / ``kill:RANK:STEP``, see
     ``mim_scale.engine.loop.parse_fault``); ``ckpt_fault`` (``write:RANK:STEP`` /
-    ``upload:RANK:STEP``) kills that rank in the middle of saving that step's checkpoint. ``env``: more environment for the workers.
+    ``upload:RANK:STEP``) kills that rank in the middle of saving that step's checkpoint.
+    ``env``: more environment for the workers (``--env``).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

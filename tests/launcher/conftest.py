@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher_drills import drill_overrides
+from launcher_drills import drill_overrides, subprocess_env
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +38,13 @@ def failure_free(sample_shards, ray_cluster, tmp_path_factory):
     result = pretrain(load_config("tiny", drill_overrides(sample_shards, storage, "reference")))
     assert result.error is None, result.error
     return result
+
+
+@pytest.fixture
+def child_env(tmp_path):
+    """Environment for a child process that starts its own Ray (private RAY_TMPDIR, removed afterwards)."""
+    import shutil
+
+    env = subprocess_env(tmp_path)
+    yield env
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from launcher_drills import INTERVAL, drill_overrides
+from launcher_drills import drill_overrides
 from mim_scale.config import load_config
 from mim_scale.launcher.ray_train import pretrain
 from mim_scale.launcher.runs import committed_checkpoint

@@ -68,3 +68,17 @@ def test_worker_env_forwards_named_variables(monkeypatch):
     env = worker_env(load_config("tiny"), {"EXTRA": "1"})
     assert env["MY_TOKEN_PATH"] == "/secrets/t" and env["EXTRA"] == "1" and "OTHER" not in env
     assert env["DS_ACCELERATOR"] == "cpu" and env["OMP_NUM_THREADS"] == "1"
+
+
+def test_status_and_stop_through_an_object_store_uri(failure_free):
+    """The same run read through pyarrow's URI file system (what s3:// and gs:// storage goes through)."""
+    from mim_scale.launcher.runs import committed_checkpoint, path_exists, request_stop, run_status
+
+    uri = f"file://{failure_free.run_dir}"
+    assert resolve_run(uri) == uri
+    assert committed_checkpoint(uri) == f"{uri}/{failure_free.checkpoint.name}"
+    shown = run_status(uri)
+    assert (shown["step"], shown["checkpoint"]["step"], shown["restarts"]) == (STEPS, STEPS, 0)
+    request_stop(uri)
+    assert path_exists(f"{uri}/{STOP_FILE}") and (failure_free.run_dir / STOP_FILE).is_file()
+    (failure_free.run_dir / STOP_FILE).unlink()

@@ -17,7 +17,7 @@ import pytest
 from mim_scale.engine import checkpoint as ckpt
 from mim_scale.launcher.runs import committed_checkpoint, run_status
 
-from launcher_drills import INTERVAL, PYTHON, STEPS, drill_overrides, subprocess_env
+from launcher_drills import INTERVAL, PYTHON, drill_overrides
 
 HERE = Path(__file__).parent
 
@@ -42,10 +42,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["elastic", "wait"])
-def test_node_loss_resumes_on_what_remains_or_waits_for_capacity(sample_shards, tmp_path, mode):
+def test_node_loss_resumes_on_what_remains_or_waits_for_capacity(sample_shards, tmp_path, child_env, mode):
     storage, name = tmp_path / "runs", f"node-loss-{mode}"
     proc = subprocess.Popen([PYTHON, str(HERE / "node_loss_drill.py"), str(sample_shards), str(storage), name, mode],
-                            env=subprocess_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                            env=child_env, cwd=tmp_path, stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=1200)
@@ -71,14 +71,14 @@ def test_node_loss_resumes_on_what_remains_or_waits_for_capacity(sample_shards, 
 
 
 @pytest.mark.slow
-def test_driver_killed_then_same_command_resumes(sample_shards, tmp_path):
+def test_driver_killed_then_same_command_resumes(sample_shards, tmp_path, child_env):
     storage, name = tmp_path / "runs", "driver-kill"
     steps = 10
     argv = [PYTHON, "-m", "mim_scale.cli", "pretrain", "--config", "tiny", "--name", name, "--storage", str(storage),
             "--workers", "2"]
     for item in drill_overrides(sample_shards, storage, name, steps=steps):
         argv += ["--set", item]
-    env = subprocess_env(tmp_path)
+    env = child_env
     run_dir = storage / name
 
     first = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -19,7 +19,7 @@ import pytest
 
 from mim_scale.engine import checkpoint as ckpt
 
-from launcher_drills import PYTHON, subprocess_env
+from launcher_drills import PYTHON
 
 RAY = str(Path(PYTHON).parent / "ray")
 
@@ -43,8 +43,10 @@ def _wait_nodes(address: str, n: int, env: dict, timeout: float = 180) -> None:
 
 
 @pytest.mark.slow
-def test_local_multi_node_cluster_as_documented(ct_dir, tmp_path):
-    env = subprocess_env(tmp_path)
+def test_local_multi_node_cluster_as_documented(ct_dir, tmp_path, child_env):
+    # a `ray start` cluster has token authentication on; every process that joins it must say so (the
+    # token itself is in ~/.ray/auth_token, written by the head)
+    env = dict(child_env, RAY_AUTH_MODE="token")
     port = _free_port()
     address = f"127.0.0.1:{port}"
     nodes = [subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
@@ -52,10 +54,10 @@ def test_local_multi_node_cluster_as_documented(ct_dir, tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
         _wait_nodes(address, 1, env)
-        for _ in range(2):
+        for n in (2, 3):  # one at a time, as the documented loop does: nodes starting together race for ports
             nodes.append(subprocess.Popen([RAY, "start", f"--address={address}", "--num-cpus=1", "--block"], env=env,
                                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait_nodes(address, 3, env)
+            _wait_nodes(address, n, env)
 
         shards = tmp_path / "shards"
         built = subprocess.run([PYTHON, "-m", "mim_scale.cli", "shards", "build", str(ct_dir / "abdomen_dicom"),
