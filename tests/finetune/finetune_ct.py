@@ -29,13 +29,14 @@ def organ_classes(ct_dir: Path) -> dict[str, list[int]]:
 
 
 def dicom_to_nifti(series_dir: Path, out: Path) -> Path:
-    import SimpleITK as sitk
+    """The 20-slice series assembled by the project's own DICOM reader (as `mim-scale sample-data
+    --finetune-dataset` does), written as NIfTI on its own grid."""
+    from mim_scale.sample_data import write_finetune_dataset
 
-    reader = sitk.ImageSeriesReader()
-    files = reader.GetGDCMSeriesFileNames(str(series_dir))
-    assert len(files) == 20, f"expected the 20-slice series in {series_dir}, found {len(files)} files"
-    reader.SetFileNames(files)
-    sitk.WriteImage(reader.Execute(), str(out))
+    write_finetune_dataset(series_dir.parent, out.parent)
+    written = out.parent / "abdomen_dicom.nii.gz"
+    if written != out:
+        written.replace(out)
     return out
 
 

@@ -50,4 +50,6 @@ def test_two_workers_match_one_process(seg_dataset, tmp_path, monkeypatch):
     b = load_file(str(latest_checkpoint(two) / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=STEPS * LR, msg=key)
+        # Adam moves an element by at most ~lr a step, so where the two summation orders give a near-zero
+        # gradient opposite signs the runs can drift apart by up to 2 x lr a step
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=2 * STEPS * LR, msg=key)
