@@ -114,7 +114,7 @@ step ops_bench 180 $PY -m mim_scale.ops.bench --json "$OUT/ops_bench.json"
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
 step engine 180 $PY gpu/engine_check.py --json "$OUT/engine.json"
 # --- the gpu-marked tests (CUDA paths of the kernels and the metrics)
-step gpu_tests 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/ops
+step gpu_tests 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/metrics tests/finetune
 
 say "failed steps: $FAILED"
 exit "$FAILED"
