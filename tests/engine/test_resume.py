@@ -63,7 +63,7 @@ def test_straight_equals_resumed(pair):
 
 
 def test_sigkill_one_process_then_resume(engine_shards, tiny_config, tmp_path):
-    cfg = tiny_config(engine_shards, "train.steps=8", "train.zero_stage=1", "train.checkpoint_every=3",
+    cfg = tiny_config(engine_shards, "train.steps=7", "train.zero_stage=1", "train.checkpoint_every=3",
                       "train.keep_last=3")
     with pytest.raises(WorkerFailed):
         launch_local(cfg, tmp_path, 2, fault="kill:1:5")  # rank 1 SIGKILLed as it starts step 5
@@ -71,42 +71,54 @@ def test_sigkill_one_process_then_resume(engine_shards, tiny_config, tmp_path):
     before = step_log(tmp_path, 0)
     results = launch_local(cfg, tmp_path, 2)
     after = step_log(tmp_path, 0)[len(before):]
-    assert [r["step"] for r in after] == [4, 5, 6, 7, 8]  # resumed from the step-3 checkpoint
+    assert [r["step"] for r in after] == [4, 5, 6, 7]  # resumed from the step-3 checkpoint
     assert after[0]["samples_seen"] == 8
-    assert results[0]["step"] == 8 and results[0]["samples_seen"] == 16
+    assert results[0]["step"] == 7 and results[0]["samples_seen"] == 14
     state = ckpt.TrainState.read(ckpt.latest_checkpoint(tmp_path / "checkpoints"))
-    assert state.restarts == 1 and state.step == 8
+    assert state.restarts == 1 and state.step == 7
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
+@pytest.fixture(scope="module")
+def two_worker_run(engine_shards, tiny_config, tmp_path_factory):
+    """7 steps on 2 workers x grad_accum 3 (6 crops per step), stopped by SIGTERM; shared by both reshards."""
+    root = tmp_path_factory.mktemp("reshard")
+    first = tiny_config(engine_shards, *RESHARD, "train.grad_accum=3")
+    launch_local(first, root, 2, sigterm_at=(0, 6))  # agreed, saved and stopped at 7
+    return root
+
+
+RESHARD = ("train.steps=12", "train.zero_stage=2", "train.checkpoint_every=0", "train.keep_last=4")
+
+
 @pytest.mark.parametrize("workers", [1, 3])
-def test_resume_on_other_worker_count(engine_shards, tiny_config, tmp_path, workers):
-    """2 workers x grad_accum 3 = 6 crops per step, continued on 1 x 6 and 3 x 2 (consolidate-and-reshard)."""
-    stage = 2
-    base = ("train.steps=14", f"train.zero_stage={stage}", "train.checkpoint_every=7", "train.keep_last=4")
-    first = tiny_config(engine_shards, *base, "train.grad_accum=3")
-    launch_local(first, tmp_path, 2, sigterm_at=(0, 6))  # agreed, saved and stopped at 7
+def test_resume_on_other_worker_count(two_worker_run, engine_shards, tiny_config, tmp_path, workers):
+    """Continued on 1 x grad_accum 6 and 3 x grad_accum 2 (consolidate-and-reshard)."""
+    import shutil
+
+    shutil.copytree(two_worker_run, tmp_path, dirs_exist_ok=True)
     saved = ckpt.TrainState.read(ckpt.latest_checkpoint(tmp_path / "checkpoints"))
     assert saved.step == 7 and saved.samples_seen == 42 and saved.global_batch == 6
     before = step_log(tmp_path, 0)
 
-    second = tiny_config(engine_shards, *base, f"train.grad_accum={6 // workers}")
+    second = tiny_config(engine_shards, *RESHARD, f"train.grad_accum={6 // workers}")
     results = launch_local(second, tmp_path, workers)
     after = step_log(tmp_path, 0)[len(before):]
-    assert [r["step"] for r in after] == list(range(8, 15))
-    assert [r["samples_seen"] for r in after] == [6 * s for s in range(8, 15)]  # continuous, 6 per step
-    assert all(r["samples_seen"] == 84 for r in results)
+    assert [r["step"] for r in after] == list(range(8, 13))
+    assert [r["samples_seen"] for r in after] == [6 * s for s in range(8, 13)]  # continuous, 6 per step
+    assert all(r["samples_seen"] == 72 for r in results)
     state = ckpt.TrainState.read(ckpt.latest_checkpoint(tmp_path / "checkpoints"))
     assert state.world_size == workers and state.global_batch == 6 and state.restarts == 1
 
-    # loss continuous: the first resumed step's loss is in the range of the last steps before, and far
-    # below what a fresh model gives on the same step (a restart from scratch would show a jump)
-    last = [r["total"] for r in before[-4:]]
+    # loss continuous: the first resumed steps' loss is in the range of the last steps before, and far
+    # below what the fresh model gave at step 1 (a restart from scratch would show a jump)
+    last = np.mean([r["total"] for r in before[-3:]])
     first_loss = before[0]["total"]
-    assert abs(after[0]["total"] - np.mean(last)) < 0.5 * abs(first_loss - np.mean(last)) + 0.25 * np.mean(last)
+    resumed = np.mean([r["total"] for r in after[:2]])
+    assert abs(resumed - last) < 0.5 * abs(first_loss - last) + 0.25 * last, (first_loss, last, resumed)
 
     # the optimizer state moved across: AdamW's step counter continued from 7 (bias correction intact)
     import mim_scale.engine.full_state as fs
 
     _, optimizer_step = fs.read(ckpt.latest_checkpoint(tmp_path / "checkpoints"))
-    assert optimizer_step == 14
+    assert optimizer_step == 12
