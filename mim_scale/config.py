@@ -23,7 +23,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-SHIPPED_CONFIGS = ("tiny", "base", "large", "huge")
+SHIPPED_CONFIGS = ("tiny", "base", "large", "huge")  # the model sizes; data recipes ship beside them
+
+
+def shipped_names() -> list[str]:
+    """Every pre-training config shipped in ``mim_scale/configs`` (fine-tuning recipes excluded)."""
+    folder = resources.files("mim_scale.configs")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml") and not p.name.startswith("finetune_"))
 
 
 class ConfigError(ValueError):
@@ -206,12 +212,12 @@ def load_config(source: str | Path | dict | None = "tiny", overrides: list[str] 
 def read_config_tree(source: str) -> dict[str, Any]:
     """The raw tree of a preset name or a file, with ``extends = "NAME_OR_FILE"`` resolved."""
     path = Path(source)
-    if source in SHIPPED_CONFIGS or (not path.exists() and "/" not in source and not path.suffix):
-        if source not in SHIPPED_CONFIGS:
+    shipped = resources.files("mim_scale.configs").joinpath(f"{source}.toml")
+    if not path.exists() and "/" not in source and not path.suffix:
+        if not shipped.is_file():
             raise ConfigError("config", f"no file {source!r} and no shipped config of that name "
-                              f"(shipped: {', '.join(SHIPPED_CONFIGS)})")
-        text = resources.files("mim_scale.configs").joinpath(f"{source}.toml").read_text()
-        tree = tomllib.loads(text)
+                              f"(shipped: {', '.join(shipped_names())})")
+        tree = tomllib.loads(shipped.read_text())
         tree.setdefault("name", source)
         base_dir = None
     else:

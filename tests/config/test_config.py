@@ -94,3 +94,13 @@ def test_cli_fails_before_any_work_naming_the_key(capsys, tmp_path):
     assert rc == 2
     assert "train.stepz" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing was started or written
+
+
+@pytest.mark.parametrize("name, datasets", [("data_1k", 2), ("data_10k", 8)])
+def test_paper_collection_recipes(name, datasets):
+    from mim_scale.config import shipped_names
+
+    assert name in shipped_names() and not any(n.startswith("finetune_") for n in shipped_names())
+    cfg = load_config(name)
+    assert cfg.model.widths == load_config("base").model.widths
+    assert len(cfg.data.mixture) == datasets and cfg.data.mixture["btcv"] < cfg.data.mixture["tcia_covid19"]
