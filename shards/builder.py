@@ -99,7 +99,7 @@ class BuildConfig:
 
     spacing: float = 1.5
     target_shard_bytes: int = 1 << 30
-    codec: str = "npy.gz"
+    codec: str = "npy"
     gzip_level: int = 1
     crop_body: bool = False
     min_slices: int = 4
@@ -390,7 +390,7 @@ def build_shards(
     workers: int | None = None,
     address: str | None = None,
     max_in_flight: int | None = None,
-    codec: str = "npy.gz",
+    codec: str = "npy",
     crop_body: bool = False,
     exclude: set[str] | str | Path | None = None,
     config: BuildConfig | None = None,

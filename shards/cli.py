@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--private-dir", type=Path, default=None, help="private outputs (default: OUT.private beside OUT)")
     b.add_argument("--spacing", type=float, default=1.5, help="isotropic output spacing in mm (default 1.5)")
     b.add_argument("--target-shard-bytes", type=_size, default=1 << 30, help="shard size target, e.g. 1G, 256M")
-    b.add_argument("--codec", choices=("npy.gz", "npy"), default="npy.gz", help="volume member encoding")
+    b.add_argument("--codec", choices=("npy", "npy.gz"), default="npy", help="volume member encoding: npy (default; memory-mapped crops, fastest to stream) or npy.gz (0.55x the bytes, ~3x slower to stream)")
     b.add_argument("--crop-body", action="store_true", help="crop each volume to the body (air removal)")
     b.add_argument("--exclude", type=Path, default=None, help="file of content hashes / sample keys to leave out")
     b.add_argument("--workers", type=int, default=None, help="0 = in-process; N = CPUs for a local Ray cluster")

@@ -7,7 +7,7 @@ members sharing one key (the de-identified, salted hash of its source; lowercase
 
 ``<key>.npy.gz`` (or ``<key>.npy``)
     The CT volume in Hounsfield units, ``int16``, C order, shape ``(D, H, W)``, as an ``.npy`` file
-    (gzip-wrapped by default; gzip is lossless, see ``BuildConfig.codec``).
+    (plain by default, so the stream can memory-map it; gzip-wrapped with ``codec="npy.gz"``, lossless, see ``BuildConfig.codec``).
 
 ``<key>.json``
     UTF-8 JSON metadata (see :func:`sample_meta_fields`).
