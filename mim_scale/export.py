@@ -56,7 +56,7 @@ def _shard_summary(shards: str) -> dict[str, Any]:
     for entry in manifest.get("shards", []):
         for name, n in (entry.get("datasets") or {}).items():
             datasets[name] = datasets.get(name, 0) + int(n)
-    return {"datasets": datasets, "spacing_mm": build.get("spacing"), "orientation": build.get("orientation"),
+    return {"datasets": datasets, "spacing_mm": build.get("spacing", manifest.get("spacing_mm")),
             "shards": len(manifest.get("shards", [])), "samples": sum(datasets.values())}
 
 
@@ -96,8 +96,10 @@ def export_run(run: Path, out: Path, *, dtype: str = "float32", full_state: bool
         "parameters": int(sum(v.numel() for v in encoder.values())),
         "dtype": dtype,
         "preprocessing": {
-            "orientation": data.get("orientation") or "RAS",
-            "axis_order": "(D, H, W) as stored in the shards",
+            # the shards store (D, H, W) = (z, y, x) of the LPS patient frame: array axes point to Superior,
+            # Posterior, Left, which MONAI writes as Orientationd(axcodes="SPL")
+            "orientation": "SPL",
+            "axis_order": "(D, H, W) = (z, y, x) of the LPS patient frame",
             "spacing_mm": data.get("spacing_mm") or 1.5,
             "hu_min": cfg.data.hu_min,
             "hu_max": cfg.data.hu_max,
