@@ -40,6 +40,19 @@ from mim_scale.model.ops import gather_tokens, upsample_token_mask
 KEY_SCHEMA_VERSION = 1
 
 
+def center_input(x: torch.Tensor) -> torch.Tensor:
+    """Windowed intensities in [0, 1] -> [-1, 1] before the stem (like MAE's input normalisation).
+
+    Why: the stem is conv (k2, s2) -> LayerNorm over channels. On a [0, 1] input the conv output
+    at a voxel is ``c * sum(w) + w . delta`` (c the local level, delta the local structure), and
+    the LayerNorm divides out its size, so wherever c dominates (soft tissue sits at ~0.52 in the
+    default window, structure at ~0.01-0.05) the features are the same for every level and almost
+    blind to structure -- the very thing the per-patch normalised target asks for. Centred, soft
+    tissue (HU ~ 0 under the default window) is near 0 and its structure reaches the features.
+    """
+    return x * 2.0 - 1.0
+
+
 class ConvStage(nn.Module):
     """Patch embedding then conv blocks. x: channels-last (or channels-first for the first stage)."""
 
@@ -107,7 +120,7 @@ class HybridEncoder(nn.Module):
         """
         ckpt = self.activation_checkpointing if checkpoint_blocks is None else checkpoint_blocks
         feats = []
-        h = x
+        h = center_input(x)
         for i, stage in enumerate(self.stages):
             h = stage.embed(h, channels_first_input=(i == 0))
             if keep is None:
