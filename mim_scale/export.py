@@ -66,8 +66,13 @@ def export_run(run: Path, out: Path, *, dtype: str = "float32", full_state: bool
 
     from mim_scale.engine import checkpoint as ckpt
 
+    from mim_scale.launcher.runs import committed_checkpoint
+
+    # a Ray run: the newest checkpoint Ray committed (a crash mid-upload leaves a partial folder that only
+    # Ray's own list tells apart); a checkpoint folder or a local run: the newest complete one
+    committed = None if (Path(run) / ckpt.STATE_FILE).is_file() else committed_checkpoint(str(run))
     try:
-        ckpt_dir = ckpt.latest_checkpoint(Path(run))
+        ckpt_dir = Path(committed) if committed else ckpt.latest_checkpoint(Path(run))
     except FileNotFoundError as exc:
         raise UserFacingError(str(exc)) from exc
     state = ckpt.TrainState.read(ckpt_dir)

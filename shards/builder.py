@@ -267,6 +267,7 @@ class _RayPool:
             if address:
                 kwargs["address"] = address
             else:
+                kwargs["address"] = "local"  # never join an unrelated cluster this machine happens to run
                 kwargs["num_cpus"] = workers or os.cpu_count() or 1
                 kwargs["object_store_memory"] = 512 << 20
                 kwargs["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": "1"}}

@@ -51,6 +51,11 @@ class Reporter:
             final = self.run_dir / "checkpoints" / f"step_{metrics['step']:09d}"
             ckpt.commit_local(ckpt_dir, final, self.keep_last)
 
+    def stop_requested(self) -> bool:
+        """True once an operator asked the run to stop (``mim-scale stop``); checked every step, and agreed
+        across ranks like a SIGTERM: the run saves a checkpoint and ends."""
+        return (self.run_dir / "STOP").exists()
+
     def cleanup_scratch(self, rank: int) -> None:
         """Before anything is written (every rank calls this, then a barrier): rank 0 removes scratch
         folders a killed run left behind, so a new save never mixes with stale files."""
@@ -234,7 +239,8 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
 
         # one collective per step: loss finiteness, time- and signal-driven save requests
         due_time = cfg.train.checkpoint_minutes > 0 and time.monotonic() - last_save_time >= 60 * cfg.train.checkpoint_minutes
-        agreed = _agree([float(due_time), float(stop.sigterm), float(not all(map(_finite, losses.values())))])
+        agreed = _agree([float(due_time), float(stop.sigterm or reporter.stop_requested()),
+                         float(not all(map(_finite, losses.values())))])
         save_now = (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) \
             or agreed[0] > 0 or agreed[1] > 0 or state.step == cfg.train.steps
         grad_norm = engine.get_global_grad_norm()
