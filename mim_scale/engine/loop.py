@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from mim_scale.config import Config
 from mim_scale.engine import checkpoint as ckpt
+from mim_scale.fileutil import write_atomic
 from mim_scale.engine.deepspeed_engine import build_engine, init_distributed, input_dtype
 
 log = logging.getLogger("mim_scale.train")
@@ -133,9 +134,14 @@ def parse_fault(spec: str | None) -> tuple[str, int, int] | None:
         raise ValueError(f"fault spec {spec!r} must look like raise:RANK:STEP or kill:RANK:STEP") from exc
 
 
-def _inject(fault: tuple[str, int, int] | None, rank: int, step: int, restarts: int) -> None:
+def _inject(fault: tuple[str, int, int] | None, rank: int, step: int, restarts: int, run_dir: Path) -> None:
     if fault is None or restarts > 0 or (fault[1], fault[2]) != (rank, step):
         return
+    # once per run, also when it fires before the first checkpoint (then the restart count stays 0)
+    marker = Path(run_dir) / f".fault-fired-{fault[0]}-{rank}-{step}"
+    if marker.exists():
+        return
+    marker.touch()
     log.warning("rank %d: injecting fault %r at step %d", rank, fault[0], step)
     if fault[0] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -178,6 +184,8 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
         state = _continue_state(saved, state, cfg, world)
         log.info("rank %d resumed from %s at step %d (%d samples seen)", rank, resume_from, state.step,
                  state.samples_seen)
+    # a failure before the first checkpoint restarts from scratch: count attempts in the run folder too
+    state.restarts = max(state.restarts, _count_attempt(Path(run_dir), rank))
 
     metrics = _start_metrics(cfg, run_dir, rank, state.restarts)
     shards = load_shard_list(cfg.data.shards)
@@ -197,7 +205,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
     corrupt_total = 0  # ... since this process started
 
     while state.step < cfg.train.steps:
-        _inject(fault_spec, rank, state.step + 1, state.restarts)
+        _inject(fault_spec, rank, state.step + 1, state.restarts, run_dir)
         clock.begin()
         sums: dict[str, float] = {}
         volumes = 0
@@ -294,6 +302,23 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
         time.sleep(cfg.metrics.linger_seconds)
         metrics.close()
     return result
+
+
+def _count_attempt(run_dir: Path, rank: int) -> int:
+    """How many times this run started before (every rank gets the same number; rank 0 records this start)."""
+    path = run_dir / "attempts"
+    _barrier()
+    previous = int(path.read_text()) if path.is_file() else 0
+    _barrier()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, str(previous + 1))
+    return previous
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _continue_state(saved: ckpt.TrainState, fresh: ckpt.TrainState, cfg: Config, world: int) -> ckpt.TrainState:
