@@ -186,11 +186,15 @@ class Config:
 
     def replace(self, overrides: list[str] | dict[str, Any]) -> "Config":
         """A copy with dotted-key overrides applied and the result validated."""
-        tree = self.to_dict()
-        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
-        for key, value in items:
-            _set_dotted(tree, key, value)
-        return from_dict(tree)
+        return from_dict(apply_overrides(self.to_dict(), overrides))
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with ``key=value`` strings (TOML values) or ``{dotted.key: value}`` applied in place."""
+    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+    for key, value in items:
+        _set_dotted(tree, key, value)
+    return tree
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,11 +206,7 @@ def load_config(source: str | Path | dict | None = "tiny", overrides: list[str] 
         tree = source
     else:
         tree = read_config_tree(str(source or "tiny"))
-    tree = dict(tree)
-    for item in overrides or []:
-        key, value = _split_override(item)
-        _set_dotted(tree, key, value)
-    return from_dict(tree)
+    return from_dict(apply_overrides(dict(tree), overrides or []))
 
 
 def read_config_tree(source: str) -> dict[str, Any]:

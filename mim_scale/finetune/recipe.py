@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mim_scale.config import ConfigError, _build, _merge, _set_dotted, _split_override
+from mim_scale.config import ConfigError, _build, _merge, apply_overrides
 
 TASKS = ("segmentation", "classification")
 
@@ -106,11 +106,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def replace(self, overrides: list[str] | dict[str, Any]) -> "Recipe":
-        tree = self.to_dict()
-        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
-        for key, value in items:
-            _set_dotted(tree, key, value)
-        return recipe_from_dict(tree)
+        return recipe_from_dict(apply_overrides(self.to_dict(), overrides))
 
 
 def shipped_recipes() -> list[str]:
@@ -180,10 +176,7 @@ def load_recipe(
         tree = _merge(tree, source)
     elif source:
         tree = _merge(tree, read_recipe_tree(source))
-    for item in overrides or []:
-        key, value = _split_override(item)
-        _set_dotted(tree, key, value)
-    return recipe_from_dict(tree)
+    return recipe_from_dict(apply_overrides(tree, overrides or []))
 
 
 def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
