@@ -26,7 +26,7 @@ class WorkerSettings:
     """The per-volume part of the build config (see ``BuildConfig``)."""
 
     spacing: float = 1.5
-    codec: str = "npy.gz"
+    codec: str = "npy"
     gzip_level: int = 1
     crop_body: bool = False
     min_slices: int = 4
