@@ -237,11 +237,16 @@ def read_config_tree(source: str) -> dict[str, Any]:
             raise ConfigError("config", f"{path} must hold a table of sections")
         tree.setdefault("name", path.stem)
         base_dir = path.parent
+    return resolve_extends(tree, base_dir, read_config_tree)
+
+
+def resolve_extends(tree: dict[str, Any], base_dir: Path | None, read) -> dict[str, Any]:
+    """Merge ``tree`` over the tree its ``extends`` key names (a file beside it, else a shipped name)."""
     parent = tree.pop("extends", None)
     if parent:
         if base_dir is not None and (base_dir / parent).is_file():
             parent = str(base_dir / parent)
-        tree = _merge(read_config_tree(parent), tree)
+        tree = _merge(read(parent), tree)
     return tree
 
 

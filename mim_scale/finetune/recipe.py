@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mim_scale.config import ConfigError, _build, _merge, apply_overrides
+from mim_scale.config import ConfigError, _build, _merge, apply_overrides, resolve_extends
 
 TASKS = ("segmentation", "classification")
 
@@ -138,12 +138,7 @@ def read_recipe_tree(source: str | Path) -> dict[str, Any]:
             raise ConfigError("recipe", f"cannot parse {path}: {exc}") from exc
         tree.setdefault("name", path.stem)
         base_dir = path.parent
-    parent = tree.pop("extends", None)
-    if parent:
-        if base_dir is not None and (base_dir / parent).is_file():
-            parent = str(base_dir / parent)
-        tree = _merge(read_recipe_tree(parent), tree)
-    return tree
+    return resolve_extends(tree, base_dir, read_recipe_tree)
 
 
 def preprocessing_from_meta(meta_pre: dict[str, Any] | None) -> dict[str, Any]:
