@@ -106,14 +106,15 @@ def test_pictures_are_pngs(quickstart):
 
 def test_prometheus_saw_both_ranks_step_and_restart(quickstart):
     _, prom = quickstart
-    first = values(prom.query("min_over_time(mim_step[5m])"), "rank")
-    last = values(prom.query("max_over_time(mim_step[5m])"), "rank")
+    # a restarted worker is a new process on a new port (a new series): aggregate each rank's series
+    first = values(prom.query("min by (rank) (min_over_time(mim_step[5m]))"), "rank")
+    last = values(prom.query("max by (rank) (max_over_time(mim_step[5m]))"), "rank")
     assert set(first) == set(last) == {"0", "1"}
     for rank in ("0", "1"):
         assert last[rank] > first[rank] and last[rank] >= 3, (first, last)
-    losses = values(prom.query("max_over_time(mim_loss[5m])"), "level")
+    losses = values(prom.query("max by (level) (max_over_time(mim_loss[5m]))"), "level")
     assert set(losses) == {"1", "2", "3"} and all(np.isfinite(list(losses.values())))
-    align = values(prom.query("max_over_time(mim_alignment_loss[5m])"), "level")
+    align = values(prom.query("max by (level) (max_over_time(mim_alignment_loss[5m]))"), "level")
     assert set(align) == {"1-2", "2-3"}
     restarts = prom.query("max(max_over_time(mim_restarts_total[5m]))")
     assert float(restarts[0]["value"][1]) >= 1
