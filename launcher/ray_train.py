@@ -29,7 +29,7 @@ from typing import Any
 
 from mim_scale.config import Config, from_dict
 from mim_scale.engine.checkpoint import write_atomic
-from mim_scale.engine.loop import Reporter, configure_logging, parse_fault, run_training
+from mim_scale.engine.loop import Reporter, configure_logging, parse_drill, parse_fault, run_training
 from mim_scale.errors import UserFacingError
 from mim_scale.launcher.runs import STOP_FILE, DriverRecord, clear_stop_request, stop_was_requested
 
@@ -145,15 +145,7 @@ class RayReporter(Reporter):
 
 def parse_ckpt_fault(spec: str | None) -> tuple[str, int, int] | None:
     """``write:RANK:STEP`` or ``upload:RANK:STEP`` (see :class:`RayReporter`)."""
-    if not spec:
-        return None
-    try:
-        action, rank, step = spec.split(":")
-        if action not in ("write", "upload"):
-            raise ValueError(action)
-        return action, int(rank), int(step)
-    except ValueError as exc:
-        raise ValueError(f"checkpoint fault {spec!r} must look like write:RANK:STEP or upload:RANK:STEP") from exc
+    return parse_drill(spec, ("write", "upload"), "checkpoint fault")
 
 
 def _kill_when_written(folder: Path) -> None:

@@ -94,19 +94,11 @@ class BuildReport:
 
 
 @dataclass(frozen=True)
-class BuildConfig:
-    """Everything that decides the output bytes (recorded in the manifest)."""
+class BuildConfig(WorkerSettings):
+    """Everything that decides the output bytes (recorded in the manifest): the per-volume settings the
+    workers get, plus how volumes are grouped into shards."""
 
-    spacing: float = 1.5
     target_shard_bytes: int = 1 << 30
-    codec: str = "npy"
-    gzip_level: int = 1
-    crop_body: bool = False
-    min_slices: int = 4
-    slice_spacing_tolerance: float = 0.1
-    max_tilt_deg: float = 1.0
-    max_voxels: int = 1 << 30
-    min_size_voxels: int = 8
 
     def __post_init__(self) -> None:
         if not (0.1 <= self.spacing <= 20.0):
@@ -121,6 +113,7 @@ class BuildConfig:
             raise UserFacingError("min_slices must be >= 2")
 
     def worker_settings(self) -> WorkerSettings:
+        """The per-volume part alone (what travels to each worker task)."""
         fields = {f.name for f in dataclasses.fields(WorkerSettings)}
         return WorkerSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
 

@@ -117,21 +117,27 @@ def _agree(flags: list[float]) -> list[float]:
     return t.tolist()
 
 
-def parse_fault(spec: str | None) -> tuple[str, int, int] | None:
-    """A fault to inject, for failure drills: ``"raise:RANK:STEP"`` or ``"kill:RANK:STEP"``.
-
-    The fault fires once, on the first attempt of the run (before any restart), when that rank
-    starts that step: ``raise`` raises an exception, ``kill`` SIGKILLs the worker process.
-    """
+def parse_drill(spec: str | None, actions: tuple[str, ...], what: str = "fault") -> tuple[str, int, int] | None:
+    """A failure drill ``"ACTION:RANK:STEP"`` with ACTION one of ``actions`` -> (action, rank, step)."""
     if not spec:
         return None
     try:
         action, rank, step = spec.split(":")
-        if action not in ("raise", "kill"):
+        if action not in actions:
             raise ValueError(action)
         return action, int(rank), int(step)
     except ValueError as exc:
-        raise ValueError(f"fault spec {spec!r} must look like raise:RANK:STEP or kill:RANK:STEP") from exc
+        forms = " or ".join(f"{a}:RANK:STEP" for a in actions)
+        raise ValueError(f"{what} {spec!r} must look like {forms}") from exc
+
+
+def parse_fault(spec: str | None) -> tuple[str, int, int] | None:
+    """A fault to inject, for failure drills: ``"raise:RANK:STEP"`` or ``"kill:RANK:STEP"``.
+
+    The fault fires once per run, when that rank starts that step: ``raise`` raises an exception,
+    ``kill`` SIGKILLs the worker process.
+    """
+    return parse_drill(spec, ("raise", "kill"), "fault spec")
 
 
 def _inject(fault: tuple[str, int, int] | None, rank: int, step: int, restarts: int, run_dir: Path) -> None:
