@@ -23,9 +23,10 @@ from mim_scale.export import load_encoder
 from mim_scale.model import build_model
 from mim_scale.quickstart import run_quickstart
 from mim_scale.shards.format import decode_sample, read_manifest
-from prometheus_server import PrometheusServer, values
+from prometheus_server import PrometheusServer, scrape_config, values
 
-STEPS = 8
+STEPS = 12  # checkpoints at 6 and 12; rank 1 fails as step 9 begins
+FAULT_STEP = 9
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,11 @@ def quickstart(ct_dir, ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
     targets = out / "runs" / "quickstart" / "prometheus_targets"
     targets.mkdir(parents=True)
-    prom = PrometheusServer.start(out / "prometheus", file_sd=targets / "*.json")
+    # scrape fast: the tiny steps take a fraction of a second, and every rank must be seen stepping
+    prom = PrometheusServer.start(out / "prometheus",
+                                  config=scrape_config(file_sd=targets / "*.json", interval="250ms"))
     try:
-        artefacts = run_quickstart(out, source=ct_dir, steps=STEPS, workers=2, fault="raise:1:6",
+        artefacts = run_quickstart(out, source=ct_dir, steps=STEPS, workers=2, fault=f"raise:1:{FAULT_STEP}",
                                    overrides=["metrics.linger_seconds=3"])
         yield artefacts, prom
     finally:
@@ -67,7 +70,7 @@ def test_checkpoint_loads_and_resumed_after_failure(quickstart):
     artefacts, _ = quickstart
     state = ckpt.TrainState.read(artefacts["checkpoint"])
     assert state.step == STEPS
-    assert state.restarts == 1  # the injected failure on rank 1 at step 6 restarted the group once
+    assert state.restarts == 1  # the injected failure on rank 1 restarted the group once
     assert state.samples_seen == STEPS * 2
     cfg = from_dict(state.config)
     model = build_model(cfg)
@@ -77,9 +80,9 @@ def test_checkpoint_loads_and_resumed_after_failure(quickstart):
     assert all(torch.isfinite(v).all() for v in full.values())
     history = [json.loads(line) for line in (artefacts["run"] / "history.jsonl").read_text().splitlines()]
     steps = [h["step"] for h in history]
-    # the restart went back to the step-4 checkpoint: step 5 ran twice, and no step went back further
+    # the restart went back to the step-6 checkpoint: steps 7 and 8 ran twice, and no step went back further
     interval = cfg.train.checkpoint_every
-    assert steps[-1] == STEPS and steps.count(5) == 2
+    assert steps[-1] == STEPS and steps.count(interval + 1) == 2 and steps.count(FAULT_STEP) == 1
     assert all(b >= a - interval + 1 for a, b in zip(steps, steps[1:]))
 
 
