@@ -137,6 +137,8 @@ class TrainConfig:
     checkpoint_minutes: float = 0.0  # 0 disables time-based saves
     keep_last: int = 2
     validate_every: int = 0  # steps; 0 disables validation
+    validation_set: str = ""  # saved validation set (.safetensors); "" = <run dir>/validation_set.safetensors
+    validation_crops: int = 4  # crops drawn from the shards when the validation set is built
     pictures_every: int = 0  # steps; 0 = with every checkpoint
 
 
@@ -430,6 +432,7 @@ def validate(cfg: Config) -> None:
     _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
     _require(t.log_every >= 1, "train.log_every", "must be >= 1")
     _require(t.validate_every >= 0, "train.validate_every", "must be >= 0")
+    _require(t.validation_crops >= 1, "train.validation_crops", "must be >= 1")
     _require(t.pictures_every >= 0, "train.pictures_every", "must be >= 0")
 
     # launch

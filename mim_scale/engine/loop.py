@@ -206,6 +206,11 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
     history_path = Path(run_dir) / "history.jsonl"
     result: dict[str, Any] = {"step": state.step}
     first_step_logged = False
+    vset = None
+    if cfg.train.validate_every:
+        from mim_scale.engine.validate import load_or_draw_validation_set
+
+        vset = load_or_draw_validation_set(cfg, Path(run_dir), rank)
     corrupt_seen: dict[int, int] = {}
     corrupt_here = 0  # corrupt samples this rank skipped since the last checkpoint
     corrupt_total = 0  # ... since this process started
@@ -265,6 +270,12 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
                   "data_wait_seconds": clock.data_wait, "grad_norm": _to_float(grad_norm), "mfu": mfu,
                   "time_to_first_step_s": result.get("time_to_first_step_s"), "corrupt_skipped": corrupt_total,
                   "data_digest": digest.hexdigest()[:16], **losses}
+        if vset is not None and (state.step % cfg.train.validate_every == 0 or state.step == cfg.train.steps):
+            from mim_scale.engine.validate import evaluate
+
+            result.update(evaluate(engine.module, vset, dtype))  # every rank: ZeRO-3 forwards are collective
+            if metrics is not None:
+                metrics.record_validation(state.step, {k: v for k, v in result.items() if k.startswith("val_")})
         if metrics is not None:
             metrics.record_step(step=state.step, step_seconds=step_seconds, data_wait_seconds=clock.data_wait,
                                 samples=cfg.train.micro_batch * cfg.train.grad_accum,
@@ -285,6 +296,9 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
         if agreed[2] > 0:
             raise FloatingPointError(f"non-finite loss at step {state.step} on some rank: {losses}")
 
+        if cfg.train.pictures_every and state.step % cfg.train.pictures_every == 0 \
+                and (rank == 0 or cfg.train.zero_stage == 3):
+            _write_pictures(cfg, engine.module, crops, run_dir, state.step, history_path, write=rank == 0)
         if save_now:
             state.losses = {k: v for k, v in losses.items() if _finite(v)}
             state.scheduler_epoch = int(scheduler.last_epoch) if scheduler is not None else state.step
@@ -293,7 +307,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
             t_save = time.perf_counter()
             scratch = reporter.scratch_dir(state.step)
             nbytes = ckpt.save(engine, scratch, state, rank)
-            if rank == 0 or cfg.train.zero_stage == 3:
+            if not cfg.train.pictures_every and (rank == 0 or cfg.train.zero_stage == 3):
                 # under ZeRO-3 a forward gathers parameters collectively: every rank must run it
                 _write_pictures(cfg, engine.module, crops, run_dir, state.step, history_path, write=rank == 0)
             save_seconds = time.perf_counter() - t_save

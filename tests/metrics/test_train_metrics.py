@@ -186,3 +186,13 @@ def test_mfu_helpers_and_config():
     m = TrainMetrics.from_config(cfg.metrics, "r", 1, serve=False)
     assert m.rank == 1 and m.port is None
     assert targets_path(cfg.metrics, "/runs/x").as_posix() == "/runs/x/prometheus_targets.json"
+
+
+def test_validation_losses_per_level():
+    m = TrainMetrics("r", 1, serve=False)
+    assert m.sample("mim_validation_loss", level="1") is None  # no validation yet: absent, not 0
+    m.record_validation(40, {"val_rec_l1": 0.9, "val_rec_l2": 0.8, "val_rec_l3": 0.7, "val_align_12": 0.3,
+                             "val_align_23": 0.2, "val_total": 2.45})
+    assert m.sample("mim_validation_loss", level="2") == pytest.approx(0.8)
+    assert m.sample("mim_validation_alignment_loss", level="2-3") == pytest.approx(0.2)
+    assert m.sample("mim_validation_step") == 40

@@ -1,0 +1,67 @@
+"""Per-level validation loss during pre-training, on one fixed validation set.
+
+The set (crops and every mask of their views, :mod:`mim_scale.model.validation`) is drawn once and
+saved, so every evaluation of a run, and every run that points ``train.validation_set`` at the same
+file, scores the same crops under the same masks. Where it comes from:
+
+- ``train.validation_set`` names a file that exists: it is loaded and checked against the config
+  (view geometry and masking must match what it was drawn for);
+- otherwise ``train.validation_crops`` crops are taken from the configured shards by a stream whose
+  seed is derived from ``data.seed`` but differs from the training stream's, the masks are drawn from
+  ``train.seed``, and rank 0 saves the set to ``train.validation_set`` (default
+  ``<run dir>/validation_set.safetensors``), where a resumed run finds it again.
+
+Every rank builds or loads the same set and evaluates all of it: under ZeRO-3 a forward gathers
+parameters collectively, so every rank must run the same forwards. The values are the same on every
+rank; rank 0 writes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from mim_scale.config import Config
+from mim_scale.model.validation import ValidationSet, validation_losses, validation_set_from_crops
+
+log = logging.getLogger(__name__)
+
+STREAM_SEED_OFFSET = 1_000_003  # the validation stream's seed = data.seed + this
+
+
+def validation_set_path(cfg: Config, run_dir: Path) -> Path:
+    return Path(cfg.train.validation_set) if cfg.train.validation_set else Path(run_dir) / "validation_set.safetensors"
+
+
+def draw_validation_set(cfg: Config) -> ValidationSet:
+    """``train.validation_crops`` crops from the configured shards (one fixed stream, one process), masks from
+    ``train.seed``."""
+    from mim_scale.data.stream import CropStream, load_shard_list
+
+    stream = CropStream(dataclasses.replace(cfg.data, num_workers=0), load_shard_list(cfg.data.shards),
+                        seed=cfg.data.seed + STREAM_SEED_OFFSET)
+    it = iter(stream)
+    crops = torch.stack([next(it)["crop"] for _ in range(cfg.train.validation_crops)]).float()
+    return validation_set_from_crops(crops, cfg, seed=cfg.train.seed)
+
+
+def load_or_draw_validation_set(cfg: Config, run_dir: Path, rank: int) -> ValidationSet:
+    """The run's validation set: loaded from its file when there is one, else drawn (rank 0 saves it)."""
+    path = validation_set_path(cfg, run_dir)
+    if path.is_file():
+        vset = ValidationSet.load(path, cfg)
+        log.info("rank %d: validation set %s (%d crops)", rank, path, len(vset))
+        return vset
+    vset = draw_validation_set(cfg)
+    if rank == 0:
+        vset.save(path)
+        log.info("validation set of %d crops drawn from the shards, saved to %s", len(vset), path)
+    return vset
+
+
+def evaluate(model: torch.nn.Module, vset: ValidationSet, dtype: torch.dtype) -> dict[str, float]:
+    """``val_rec_l1`` .. ``val_total`` of ``model`` on ``vset``, with crops in the training input ``dtype``."""
+    return validation_losses(model, dataclasses.replace(vset, crops=vset.crops.to(dtype)))
