@@ -73,6 +73,10 @@ def run_quickstart(out: Path, *, source: Path | None = None, steps: int = 16, wo
     artefacts["metrics_targets"] = run_dir / "prometheus_targets"
     losses = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith(("rec_", "align_", "total"))}
     print(f"   step {result.metrics.get('step')}: {losses}")
+    val = {k[4:]: round(v, 4) for k, v in result.metrics.items() if k.startswith("val_rec_")}
+    if val:
+        artefacts["validation_set"] = run_dir / "validation_set.safetensors"
+        print(f"   validation (fixed set {artefacts['validation_set']}): {val}")
     print(f"   checkpoint {result.checkpoint}")
 
     _say(4, "export the encoder (safetensors + config.json, key schema 1)")

@@ -84,6 +84,11 @@ def test_checkpoint_loads_and_resumed_after_failure(quickstart):
     interval = cfg.train.checkpoint_every
     assert steps[-1] == STEPS and steps.count(interval + 1) == 2 and steps.count(FAULT_STEP) == 1
     assert all(b >= a - interval + 1 for a, b in zip(steps, steps[1:]))
+    # per-level validation on the fixed set every validate_every steps and at the end; the set was drawn
+    # once and found again by the restarted workers
+    validated = sorted({h["step"] for h in history if "val_rec_l3" in h})
+    assert validated == sorted({s for s in range(1, STEPS + 1) if s % cfg.train.validate_every == 0} | {STEPS})
+    assert (artefacts["run"] / "validation_set.safetensors").is_file()
 
 
 def test_export_loads_strictly(quickstart):
@@ -119,6 +124,8 @@ def test_prometheus_saw_both_ranks_step_and_restart(quickstart):
     assert set(losses) == {"1", "2", "3"} and all(np.isfinite(list(losses.values())))
     align = values(prom.query("max by (level) (max_over_time(mim_alignment_loss[5m]))"), "level")
     assert set(align) == {"1-2", "2-3"}
+    val = values(prom.query("max by (level) (max_over_time(mim_validation_loss[5m]))"), "level")
+    assert set(val) == {"1", "2", "3"} and all(np.isfinite(list(val.values())))
     restarts = prom.query("max(max_over_time(mim_restarts_total[5m]))")
     assert float(restarts[0]["value"][1]) >= 1
 
