@@ -241,6 +241,14 @@ class _KeepListedLabels(mt.MapTransform):
         return d
 
 
+def axial_axes(recipe: Recipe) -> tuple[int, int]:
+    """The two array axes of the axial plane under the recipe's orientation: (0, 1) for RAS, (1, 2) for SPL."""
+    axes = tuple(i for i, code in enumerate(recipe.preprocessing.orientation) if code not in "SI")
+    if len(axes) != 2:
+        raise ValueError(f"orientation {recipe.preprocessing.orientation!r} has no single superior-inferior axis")
+    return axes
+
+
 def random_transforms(recipe: Recipe, roi: tuple[int, int, int]) -> mt.Compose:
     """Per-sample training augmentation; segmentation crops ``roi`` by foreground/background sampling."""
     a = recipe.augmentation
@@ -254,7 +262,8 @@ def random_transforms(recipe: Recipe, roi: tuple[int, int, int]) -> mt.Compose:
             fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices", allow_smaller=False))
     for axis in range(3):
         steps.append(mt.RandFlipd(keys=keys, prob=a.flip_prob, spatial_axis=axis))
-    steps.append(mt.RandRotate90d(keys=keys, prob=a.rot90_prob, max_k=3, spatial_axes=(0, 1)))
+    # quarter turns in the axial plane (the SwinUNETR recipe's), wherever the orientation puts it
+    steps.append(mt.RandRotate90d(keys=keys, prob=a.rot90_prob, max_k=3, spatial_axes=axial_axes(recipe)))
     if a.intensity_scale > 0:
         steps.append(mt.RandScaleIntensityd(keys="image", factors=a.intensity_scale, prob=a.intensity_prob))
     if a.intensity_shift > 0:

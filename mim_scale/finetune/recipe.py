@@ -11,12 +11,18 @@ fine-tunes with the intensity window and spacing it was pre-trained with unless 
 Usage::
 
     recipe = load_recipe("btcv", overrides=["train.steps=500"], preprocessing=meta["preprocessing"])
-    recipe.preprocessing.spacing   # (1.5, 1.5, 2.0)
+    recipe.preprocessing.spacing   # (2.0, 1.5, 1.5): BTCV's 1.5 x 1.5 x 2.0 mm along S, P, L
+
+Orientation: pre-training arrays are (D, H, W) = (z, y, x) of the LPS frame, axis codes ``SPL``; the
+shipped recipes reorient to ``SPL`` too (spacing and ROI given in that axis order), so the encoder sees
+anatomy the way it was pre-trained. A recipe whose orientation differs from the encoder's gets a
+warning: the encoder would see every volume transposed or mirrored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -25,6 +31,8 @@ from typing import Any
 
 from mim_scale.config import ConfigError, _build, _merge, apply_overrides, resolve_extends
 
+log = logging.getLogger(__name__)
+
 TASKS = ("segmentation", "classification")
 
 
@@ -32,7 +40,7 @@ TASKS = ("segmentation", "classification")
 class PreprocessingRecipe:
     """Deterministic preprocessing, applied once per volume (cached)."""
 
-    orientation: str = "RAS"  # axis codes the volume is reoriented to
+    orientation: str = "SPL"  # axis codes the volume is reoriented to (SPL: as the pre-training arrays)
     spacing: tuple[float, ...] = (1.5, 1.5, 1.5)  # mm per voxel along the oriented axes
     hu_min: float = -1000.0  # intensity window, mapped linearly to [0, 1] and clipped
     hu_max: float = 1000.0
@@ -171,7 +179,13 @@ def load_recipe(
         tree = _merge(tree, source)
     elif source:
         tree = _merge(tree, read_recipe_tree(source))
-    return recipe_from_dict(apply_overrides(tree, overrides or []))
+    recipe = recipe_from_dict(apply_overrides(tree, overrides or []))
+    pretrained = from_model.get("orientation")
+    if pretrained and recipe.preprocessing.orientation != pretrained:
+        log.warning("recipe orientation %s differs from the encoder's pre-training orientation %s: the encoder "
+                    "will see every volume transposed or mirrored (set preprocessing.orientation=%s, with spacing "
+                    "and roi_size in that axis order)", recipe.preprocessing.orientation, pretrained, pretrained)
+    return recipe
 
 
 def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
@@ -196,8 +210,9 @@ def validate_recipe(r: Recipe) -> None:
             _require(v > 0, f"classes.{name}", f"source label values must be > 0, got {v}")
             _require(v not in seen, f"classes.{name}", f"label value {v} is already mapped to {seen.get(v)!r}")
             seen[v] = name
-    _require(len(p.orientation) == 3 and set(p.orientation) <= set("LRAPSI"), "preprocessing.orientation",
-             f"must be three axis codes such as RAS, got {p.orientation!r}")
+    _require(len(p.orientation) == 3 and all(sum(c in pair for c in p.orientation) == 1 for pair in ("LR", "AP", "SI")),
+             "preprocessing.orientation", f"must be three axis codes, one of each L/R, A/P, S/I, such as SPL or RAS, "
+             f"got {p.orientation!r}")
     _require(len(p.spacing) == 3 and all(s > 0 for s in p.spacing), "preprocessing.spacing",
              f"needs three positive values (mm), got {list(p.spacing)}")
     _require(p.hu_max > p.hu_min, "preprocessing.hu_max", "must be greater than preprocessing.hu_min")

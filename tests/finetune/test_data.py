@@ -41,7 +41,7 @@ def test_both_volumes_preprocess_to_the_recipe_grid_with_organs_where_the_labels
             assert img[lab == 4].mean() > window(140)  # contrast-filled aorta (~ +177 HU)
     # DICOM: 500 mm in-plane -> 167 voxels at 3 mm, less the air cropped around the body; 20 slices
     # at 2 mm -> ~13 at 3 mm, padded to the 32-voxel window
-    x, y, z = np.asarray(vols[1]["image"]).shape[1:]
+    z, y, x = np.asarray(vols[1]["image"]).shape[1:]  # SPL, the default orientation: (z, y, x) like pre-training
     assert z == 32 and x <= 167 and y <= 167 and x * y < 0.8 * 167 * 167
     assert np.asarray(vols[1]["label"]).dtype == np.uint8
     assert np.asarray(vols[1]["label_fg_indices"]).dtype == np.int32

@@ -8,14 +8,15 @@ from mim_scale.config import ConfigError
 from mim_scale.finetune.recipe import load_recipe, shipped_recipes
 
 # what `mim-scale export` writes into config.json["preprocessing"]
-EXPORTED = {"orientation": "RAS", "spacing_mm": 2.0, "hu_min": -1000.0, "hu_max": 1000.0,
+EXPORTED = {"orientation": "SPL", "spacing_mm": 2.0, "hu_min": -1000.0, "hu_max": 1000.0,
             "scaling": "clip HU to [hu_min, hu_max], then (hu - hu_min) / (hu_max - hu_min) -> [0, 1]"}
 
 
 def test_shipped_recipes_carry_the_papers_preprocessing():
     assert {"btcv", "msd_spleen", "msd_lung"} <= set(shipped_recipes())
     btcv = load_recipe("btcv")
-    assert btcv.preprocessing.spacing == (1.5, 1.5, 2.0)
+    # the paper's 1.5 x 1.5 x 2.0 mm (x, y, z), in the pre-training arrays' axis order S, P, L
+    assert btcv.preprocessing.orientation == "SPL" and btcv.preprocessing.spacing == (2.0, 1.5, 1.5)
     assert (btcv.preprocessing.hu_min, btcv.preprocessing.hu_max) == (-175.0, 250.0)
     assert btcv.preprocessing.roi_size == (96, 96, 96)
     assert btcv.eval.sw_overlap == 0.5
@@ -40,10 +41,20 @@ def test_exported_preprocessing_is_the_default_and_recipes_override_it(tmp_path)
     assert r.train.steps == 7 and r.name == "mine"
 
 
+def test_recipe_orientation_other_than_the_encoders_is_warned(caplog):
+    with caplog.at_level("WARNING", logger="mim_scale.finetune.recipe"):
+        load_recipe("btcv", preprocessing=EXPORTED)
+        assert not caplog.records  # shipped recipes orient like pre-training
+        r = load_recipe("btcv", ['preprocessing.orientation="RAS"'], preprocessing=EXPORTED)
+    assert r.preprocessing.orientation == "RAS"  # the user's choice stands, with a warning
+    assert "differs from the encoder's pre-training orientation SPL" in caplog.text
+
+
 @pytest.mark.parametrize("override, key", [
     ("preprocessing.hu_max=-2000.0", "preprocessing.hu_max"),
     ("preprocessing.spacing=[1.0, 1.0]", "preprocessing.spacing"),
     ("preprocessing.orientation=\"XYZ\"", "preprocessing.orientation"),
+    ("preprocessing.orientation=\"SSL\"", "preprocessing.orientation"),
     ("train.layer_decay=1.5", "train.layer_decay"),
     ("task=\"detection\"", "task"),
     ("train.stepz=3", "train.stepz"),

@@ -43,7 +43,7 @@ def test_per_organ_dice_is_reported_and_the_liver_is_found(seg_run):
     vol = summary["validation"]["per_volume"][0]
     assert vol["voxels_gt"]["liver"] > 10_000 and vol["voxels_gt"]["kidneys"] == 0
     run_info = json.loads((seg_run / "run.json").read_text())
-    assert run_info["init"] == "scratch" and run_info["roi_size"] == [64, 64, 16]
+    assert run_info["init"] == "scratch" and run_info["roi_size"] == [16, 64, 64]
     lines = [json.loads(line) for line in (seg_run / "metrics.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in lines if "loss" in e]
     assert len(losses) == 8 and losses[-1] < losses[0]
