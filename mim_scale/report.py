@@ -31,11 +31,18 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def summary_rows(history: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
-    """(metric, first, last, change) rows for the losses of a run."""
+    """(metric, first, last, change) rows for the losses of a run: training losses from the first and last
+    steps, validation losses (``val_*``, on the run's fixed set) from the first and last validated steps."""
     if not history:
         return []
-    first, last = history[0], history[-1]
-    keys = [k for k in last if k.startswith(("rec_", "align_", "total", "z_std"))]
+    rows = _rows(history[0], history[-1], [k for k in history[-1] if k.startswith(("rec_", "align_", "total", "z_std"))])
+    validated = [h for h in history if "val_total" in h]
+    if validated:
+        rows += _rows(validated[0], validated[-1], [k for k in validated[-1] if k.startswith("val_")])
+    return rows
+
+
+def _rows(first: dict[str, Any], last: dict[str, Any], keys: list[str]) -> list[tuple[str, str, str, str]]:
     rows = []
     for key in sorted(keys):
         a, b = first.get(key), last.get(key)
@@ -86,6 +93,9 @@ def report(run_dir: Path, *, pictures: bool = True) -> dict[str, Any]:
         print("  no checkpoint yet")
     rows = summary_rows(history)
     if rows:
+        validated = [h["step"] for h in history if "val_total" in h]
+        if validated:
+            print(f"  validation (val_*, fixed set) at steps {', '.join(map(str, validated))}")
         print(f"  {'metric':12s} {'first':>10s} {'last':>10s} {'change':>9s}")
         for row in rows:
             print(f"  {row[0]:12s} {row[1]:>10s} {row[2]:>10s} {row[3]:>9s}")
