@@ -158,7 +158,8 @@ def save_loss_curves_png(
     """One small plot per loss key (one curve each) against ``step``.
 
     history: ``[{"step": 1, "rec_l1": 0.9, ...}, ...]``; records without a key leave a gap; NaN/Inf
-    values are marked with a red tick at the bottom of the plot, since they cannot be drawn.
+    values are marked with a red tick at the bottom of the plot, since they cannot be drawn. A key's
+    validation values (``val_<key>``, where present) are drawn on the same plot as points.
     """
     from matplotlib.figure import Figure
 
@@ -182,7 +183,13 @@ def save_loss_curves_png(
         steps = np.array([p[0] for p in pts])
         vals = np.array([p[1] for p in pts])
         finite = np.isfinite(vals)
-        ax.plot(steps[finite], vals[finite], lw=1.2)
+        ax.plot(steps[finite], vals[finite], lw=1.2, label="train")
+        # the same loss on the run's fixed validation set, where the run validated
+        val = [(float(h["step"]), float(h[f"val_{key}"])) for h in history if h.get(f"val_{key}") is not None]
+        val = [(s, v) for s, v in val if math.isfinite(v)]
+        if val:
+            ax.plot([s for s, _ in val], [v for _, v in val], "o-", ms=3, lw=0.8, label="validation")
+            ax.legend(fontsize=7)
         positive = bool(finite.any() and (vals[finite] > 0).all())
         if log_scale and positive:
             ax.set_yscale("log")

@@ -110,3 +110,19 @@ def test_bad_histories_are_named(tmp_path):
     with pytest.raises(ValueError, match="no loss keys"):
         save_loss_curves_png([{"step": 1, "lr": 1.0}], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_validation_points_share_their_losss_plot(tmp_path):
+    history = [{"step": s, "rec_l1": 1 / s, "total": 2 / s} for s in range(1, 21)]
+    plain = imread(save_loss_curves_png(history, tmp_path / "plain.png"))
+    for s in (10, 20):
+        history[s - 1].update({"val_rec_l1": 1.1 / s, "val_total": 2.2 / s})
+    assert loss_keys(history) == ["rec_l1", "total"]  # no extra panels for val_*
+    with_val = imread(save_loss_curves_png(history, tmp_path / "val.png"))
+    assert with_val.shape == plain.shape
+
+    def orange(img):  # matplotlib's second colour (C1, #ff7f0e): the validation points
+        rgb = img[..., :3]
+        return int(((rgb[..., 0] > 0.9) & (np.abs(rgb[..., 1] - 0.5) < 0.1) & (rgb[..., 2] < 0.2)).sum())
+
+    assert orange(plain) == 0 and orange(with_val) > 50
