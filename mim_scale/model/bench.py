@@ -12,10 +12,10 @@ its peak RSS (``ru_maxrss``) is its own; on CUDA the peak allocated device memor
 The reference figures (the published code's ``base`` step on a 2-core CPU machine, one crop)
 are printed beside ours with the ratio: 69.4 s / 21.6 GiB fp32, 48.4 s / 12.1 GiB bf16 autocast.
 Timings on a shared machine are noisy: quote them with the machine's load. On a quiet 2-core machine
-(mim_scale/model/README.md): fp32 42.6 s / 14.7 GiB with the base config as shipped (no activation
-checkpointing), 32.9 s / 4.1 GiB with ``--checkpointing on`` (2.11x faster, 0.19x the memory); bf16
-22.8 s / 8.5 GiB, and 21.8 s / 2.8 GiB with checkpointing (2.22x, 0.23x). On CPU checkpointing is both
-faster and smaller; the config leaves it off for GPUs, where recomputation costs time and memory is ample.
+(mim_scale/model/README.md): fp32 30.0 s / 14.6 GiB with the base config as shipped (no activation
+checkpointing), 28.0 s / 4.3 GiB with ``--checkpointing on`` (2.48x faster, 0.20x the memory); bf16
+12.6 s / 8.4 GiB, and 13.2 s / 2.7 GiB with checkpointing (3.67x, 0.22x). On CPU checkpointing costs
+little time for a third of the memory; the config leaves it off for GPUs, where memory is ample.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ class _DepthwiseConv3dFn(torch.autograd.Function):
 
     PyTorch's CPU backward of a depthwise 3D conv is 10-40x its forward. Here the input gradient
     is a depthwise conv of the output gradient with the flipped kernel (a fast forward conv), and
-    the weight gradient one grouped conv that uses the output gradient as its kernel.
+    the weight gradient, per view, a grouped conv that uses the output gradient as its kernel.
     """
 
     @staticmethod
@@ -132,10 +132,16 @@ class _DepthwiseConv3dFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = F.conv3d(gout, weight.to(dt).flip(2, 3, 4), padding=p, groups=c).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            n = x.shape[0]
+            # one view at a time: as a grouped conv with one input channel per group, oneDNN runs it
+            # 10-20x faster than with all views stacked into each group (2 views of 48 x 48^3, bf16:
+            # 37 ms against 414 ms); summed in fp32
             xp = F.pad(x.to(dt), (p,) * 6)
-            inp = xp.transpose(0, 1).reshape(1, c * n, *xp.shape[2:])
-            gw = F.conv3d(inp, gout.transpose(0, 1), groups=c).reshape(weight.shape).to(weight.dtype)
+            acc = torch.float64 if dt == torch.float64 else torch.float32
+            gw = torch.zeros(weight.shape, dtype=acc, device=x.device)
+            for i in range(x.shape[0]):
+                inp = xp[i:i + 1].transpose(0, 1).reshape(1, c, *xp.shape[2:])
+                gw += F.conv3d(inp, gout[i:i + 1].transpose(0, 1), groups=c).reshape(weight.shape).to(acc)
+            gw = gw.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gout.sum(dim=(0, 2, 3, 4)).to(weight.dtype)
         return gx, gw, gb, None
