@@ -11,6 +11,7 @@
 #   ops_bench.txt     kernels vs eager/torch.compile, bandwidth vs peak, end-to-end MiM step
 #   ops_bench.json    the same figures, machine-readable
 #   engine.txt/.json  MiM step time, MFU and peak memory: base (torch) and large (DeepSpeed ZeRO-3)
+#   depthwise.txt/.json  depthwise conv fwd / fwd+bwd per layout and backward variant, base shapes
 #   gpu_tests.txt     pytest -m gpu
 # Extend with more `step NAME SECONDS command...` lines (the lead adds the engine checks here).
 
@@ -113,6 +114,8 @@ step ops_bench 180 $PY -m mim_scale.ops.bench --json "$OUT/ops_bench.json"
 # time, MFU, peak memory (engine.json)
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
 step engine 180 $PY gpu/engine_check.py --json "$OUT/engine.json"
+# --- the depthwise 5x5x5 convs that bound the step: layouts and backward variants at base shapes
+step depthwise 40 $PY gpu/depthwise_check.py --json "$OUT/depthwise.json"
 # --- the gpu-marked tests (CUDA paths of the kernels and the metrics)
 step gpu_tests 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/metrics tests/finetune
 
