@@ -50,15 +50,17 @@ def measure(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtyp
     x_nc = x_cl.contiguous()
     w = (torch.randn(c, 1, 5, 5, 5, generator=g) * 0.05).to(device, dtype)
     b = torch.zeros(c, device=device, dtype=dtype)
-    gout = torch.randn(n, c, d, d, d, generator=g).to(device, dtype)
+    gout_nc = torch.randn(n, c, d, d, d, generator=g).to(device, dtype)
+    gout_cl = gout_nc.contiguous(memory_format=torch.channels_last_3d)  # each layout's gradient made once, untimed
+    native = lambda x, w_: F.conv3d(x, w_, b, padding=2, groups=c)  # noqa: E731
     variants = {
-        "native_cl": (x_cl, lambda x, w_: F.conv3d(x, w_, b, padding=2, groups=c)),
-        "native_ncdhw": (x_nc, lambda x, w_: F.conv3d(x, w_, b, padding=2, groups=c)),
-        "custom": (x_cl, lambda x, w_: _DepthwiseConv3dFn.apply(x, w_, b, 2)),
+        "native_cl": (x_cl, gout_cl, native),
+        "native_ncdhw": (x_nc, gout_nc, native),
+        "custom": (x_cl, gout_cl, lambda x, w_: _DepthwiseConv3dFn.apply(x, w_, b, 2)),
     }
     rows = []
     reference = None
-    for name, (x0, conv) in variants.items():
+    for name, (x0, gout, conv) in variants.items():
         x = x0.detach().clone().requires_grad_(True)
         wp = w.detach().clone().requires_grad_(True)
 
@@ -68,7 +70,7 @@ def measure(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtyp
 
         def forward_backward():
             x.grad = wp.grad = None
-            conv(x, wp).backward(gout.to(memory_format=torch.channels_last_3d) if name != "native_ncdhw" else gout)
+            conv(x, wp).backward(gout)
 
         fwd_ms = _timed(forward, device, reps)
         fb_ms = _timed(forward_backward, device, reps)

@@ -36,10 +36,15 @@ def summary_rows(history: list[dict[str, Any]]) -> list[tuple[str, str, str, str
     if not history:
         return []
     rows = _rows(history[0], history[-1], [k for k in history[-1] if k.startswith(("rec_", "align_", "total", "z_std"))])
-    validated = [h for h in history if "val_total" in h]
+    validated = validated_records(history)
     if validated:
         rows += _rows(validated[0], validated[-1], [k for k in validated[-1] if k.startswith("val_")])
     return rows
+
+
+def validated_records(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the steps the run validated at (they carry ``val_*`` losses)."""
+    return [h for h in history if "val_total" in h]
 
 
 def _rows(first: dict[str, Any], last: dict[str, Any], keys: list[str]) -> list[tuple[str, str, str, str]]:
@@ -93,9 +98,9 @@ def report(run_dir: Path, *, pictures: bool = True) -> dict[str, Any]:
         print("  no checkpoint yet")
     rows = summary_rows(history)
     if rows:
-        validated = [h["step"] for h in history if "val_total" in h]
+        validated = validated_records(history)
         if validated:
-            print(f"  validation (val_*, fixed set) at steps {', '.join(map(str, validated))}")
+            print(f"  validation (val_*, fixed set) at steps {', '.join(str(h['step']) for h in validated)}")
         print(f"  {'metric':12s} {'first':>10s} {'last':>10s} {'change':>9s}")
         for row in rows:
             print(f"  {row[0]:12s} {row[1]:>10s} {row[2]:>10s} {row[3]:>9s}")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mim_scale.errors import UserFacingError
+from mim_scale.fileutil import sha256_file
 from mim_scale.shards import dicom, metrics
 from mim_scale.shards.format import (
     AXIS_ORDER, CODECS, DTYPE, FORMAT_NAME, FORMAT_VERSION, HU_MAX, HU_MIN, MANIFEST_NAME, manifest_bytes,
@@ -41,7 +42,7 @@ from mim_scale.shards.inputs import InputSpec, parse_inputs
 from mim_scale.shards.nifti import is_nifti
 from mim_scale.shards.rejects import REASONS
 from mim_scale.shards.worker import ItemResult, WorkerSettings, WorkItem, process_item
-from mim_scale.shards.writer import TMP_SUFFIX, ShardFile, ShardInfo, sha256_file
+from mim_scale.shards.writer import TMP_SUFFIX, ShardFile, ShardInfo
 
 log = logging.getLogger("mim_scale.shards")
 

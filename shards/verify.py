@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 from mim_scale.shards.format import decode_sample, read_manifest
 from mim_scale.shards.worker import content_hash
-from mim_scale.shards.writer import sha256_file
+from mim_scale.fileutil import sha256_file
 
 
 @dataclass

@@ -103,11 +103,3 @@ class ShardFile:
             self.tmp_path.unlink()
         except FileNotFoundError:
             pass
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from mim_scale.engine.local import free_port  # noqa: F401 - also offered to the tests from here
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = REPO / "scripts" / "install_prometheus.sh"
@@ -54,12 +55,6 @@ def find_binary(name: str = "prometheus") -> Path:
                 f"{proc.stderr.strip() or proc.stdout.strip()}. Set MIM_SCALE_PROMETHEUS to a prometheus binary."
             )
     return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape_config(

@@ -296,9 +296,9 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
         if agreed[2] > 0:
             raise FloatingPointError(f"non-finite loss at step {state.step} on some rank: {losses}")
 
-        if cfg.train.pictures_every and state.step % cfg.train.pictures_every == 0 \
-                and (rank == 0 or cfg.train.zero_stage == 3):
-            _write_pictures(cfg, engine.module, crops, run_dir, state.step, history_path, write=rank == 0)
+        pictures_due = state.step % cfg.train.pictures_every == 0 if cfg.train.pictures_every else save_now
+        if pictures_due:
+            _write_pictures(cfg, engine.module, crops, run_dir, state.step, history_path, rank)
         if save_now:
             state.losses = {k: v for k, v in losses.items() if _finite(v)}
             state.scheduler_epoch = int(scheduler.last_epoch) if scheduler is not None else state.step
@@ -307,9 +307,6 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
             t_save = time.perf_counter()
             scratch = reporter.scratch_dir(state.step)
             nbytes = ckpt.save(engine, scratch, state, rank)
-            if not cfg.train.pictures_every and (rank == 0 or cfg.train.zero_stage == 3):
-                # under ZeRO-3 a forward gathers parameters collectively: every rank must run it
-                _write_pictures(cfg, engine.module, crops, run_dir, state.step, history_path, write=rank == 0)
             save_seconds = time.perf_counter() - t_save
             if metrics is not None:
                 metrics.record_checkpoint(save_seconds, nbytes)
@@ -412,9 +409,12 @@ def _hostname() -> str:
 
 
 def _write_pictures(cfg: Config, model, crops: torch.Tensor, run_dir: Path, step: int, history_path: Path,
-                    write: bool = True) -> None:
-    """Reconstruction and loss-curve PNGs beside the run (rank 0, at each checkpoint). With ``write``
-    False only the forward runs (ZeRO-3's other ranks)."""
+                    rank: int) -> None:
+    """Reconstruction and loss-curve PNGs beside the run (``train.pictures_every`` steps, else at each
+    checkpoint), written by rank 0. Under ZeRO-3 a forward gathers parameters collectively, so every rank
+    runs it; otherwise the other ranks skip it."""
+    if rank != 0 and cfg.train.zero_stage != 3:
+        return
     try:
         from mim_scale.pictures import save_loss_curves_png, save_reconstruction_png
     except ImportError:
@@ -427,7 +427,7 @@ def _write_pictures(cfg: Config, model, crops: torch.Tensor, run_dir: Path, step
         generator = torch.Generator(device=crops.device).manual_seed(cfg.train.seed)
         recon = model.reconstruct(crops[:2], generator=generator)
     model.train(was_training)
-    if not write:
+    if rank != 0:
         return
     save_reconstruction_png(recon, pictures / f"reconstruction_step{step:07d}.png")
     save_reconstruction_png(recon, pictures / "reconstruction_latest.png")

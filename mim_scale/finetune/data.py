@@ -242,11 +242,10 @@ class _KeepListedLabels(mt.MapTransform):
 
 
 def axial_axes(recipe: Recipe) -> tuple[int, int]:
-    """The two array axes of the axial plane under the recipe's orientation: (0, 1) for RAS, (1, 2) for SPL."""
-    axes = tuple(i for i, code in enumerate(recipe.preprocessing.orientation) if code not in "SI")
-    if len(axes) != 2:
-        raise ValueError(f"orientation {recipe.preprocessing.orientation!r} has no single superior-inferior axis")
-    return axes
+    """The two array axes of the axial plane under the recipe's orientation: (0, 1) for RAS, (1, 2) for SPL
+    (the recipe validator guarantees exactly one S/I code)."""
+    i, j = (i for i, code in enumerate(recipe.preprocessing.orientation) if code not in "SI")
+    return i, j
 
 
 def random_transforms(recipe: Recipe, roi: tuple[int, int, int]) -> mt.Compose:

@@ -42,15 +42,14 @@ def tiny_config():
 def s3_server():
     """moto's S3-compatible server on a loopback port; yields the boto3 environment for it."""
     import shutil
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from mim_scale.engine.local import free_port
+
+    port = free_port()
     exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

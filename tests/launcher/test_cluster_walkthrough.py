@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,16 +17,11 @@ from pathlib import Path
 import pytest
 
 from mim_scale.engine import checkpoint as ckpt
+from mim_scale.engine.local import free_port
 
 from launcher_drills import PYTHON
 
 RAY = str(Path(PYTHON).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_nodes(address: str, n: int, env: dict, timeout: float = 180) -> None:
@@ -47,7 +41,7 @@ def test_local_multi_node_cluster_as_documented(ct_dir, tmp_path, child_env):
     # a `ray start` cluster has token authentication on; every process that joins it must say so (the
     # token itself is in ~/.ray/auth_token, written by the head)
     env = dict(child_env, RAY_AUTH_MODE="token")
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     nodes = [subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
                                "--block"], env=env, start_new_session=True,

@@ -25,6 +25,22 @@ from mim_scale.shards.verify import verify_shards
 SMALL = (8, 32, 32)
 
 
+class FileProxy:
+    """A file object that delegates to a real one; the fault-injection tests override read or write."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.f.close()
+
+
 def _series(folder: Path, seed: int = 0, shape=SMALL, **kw) -> list[Path]:
     return write_dicom_series(phantom(shape, seed=seed), folder, **kw)
 
@@ -273,24 +289,12 @@ def test_full_disk_mid_write_leaves_nothing_that_looks_complete_then_resumes(tmp
     real_open = writer.open_output
     budget = {"bytes": 100_000}
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
+    class Full(FileProxy):
         def write(self, data):
             budget["bytes"] -= len(data)
             if budget["bytes"] < 0:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self.f.close()
 
     monkeypatch.setattr(writer, "open_output", lambda p: Full(real_open(p)))
     with pytest.raises(UserFacingError, match="No space left"):
@@ -329,23 +333,11 @@ def test_a_gzip_bomb_tail_is_never_inflated(tmp_path, monkeypatch):
     consumed = {"bytes": 0}
     real_open = fileio.open_input
 
-    class Counting:
-        def __init__(self, f):
-            self.f = f
-
+    class Counting(FileProxy):
         def read(self, n=-1):
             data = self.f.read(n)
             consumed["bytes"] += len(data)
             return data
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self.f.close()
 
     monkeypatch.setattr(fileio, "open_input", lambda p: Counting(real_open(p)))
     out = load_nifti(str(path), max_voxels=1 << 30)
