@@ -332,6 +332,10 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
     if shards and "://" not in shards and not shards.startswith("pipe:"):
         shards = str(Path(shards).resolve())
     cfg = cfg.replace({"data.shards": shards, "launch.name": name})
+    if shards:  # a manifest with a pipe:/absolute/../foreign entry is refused here, before any worker starts
+        from mim_scale.data.stream import manifest_shards
+
+        manifest_shards(cfg.data)
     t0 = time.perf_counter()
     started = ensure_ray(cfg, env)
     driver = DriverRecord(run_dir, name=name, storage=storage, address=cfg.launch.address or "local")

@@ -54,6 +54,9 @@ class DataConfig:
     num_workers: int = 1  # DataLoader worker processes per training worker
     seed: int = 0
     mixture: dict[str, float] = field(default_factory=dict)  # dataset name -> sampling weight
+    # Shard URLs outside the manifest's own folder / S3 prefix (absolute paths, other buckets, pipe: commands,
+    # http) are refused unless this is true: only for manifests you wrote or trust (a pipe: URL runs a shell).
+    allow_external_shard_urls: bool = False
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def reconstruction_from_checkpoint(run_dir: Path, out_png: Path, crops: int = 2)
     import torch
 
     from mim_scale.config import from_dict
-    from mim_scale.data.stream import load_shard_list, make_loader
+    from mim_scale.data.stream import make_loader, manifest_shards
     from mim_scale.engine import checkpoint as ckpt
     from mim_scale.model import build_model
     from mim_scale.pictures import save_reconstruction_png
@@ -71,7 +71,7 @@ def reconstruction_from_checkpoint(run_dir: Path, out_png: Path, crops: int = 2)
     model = build_model(cfg)
     model.load_state_dict(ckpt.consolidated_state_dict(ckpt_dir), strict=True)
     model.eval()
-    loader = make_loader(cfg.data, load_shard_list(cfg.data.shards), rank=0, world_size=1, batch_size=crops)
+    loader = make_loader(cfg.data, manifest_shards(cfg.data), rank=0, world_size=1, batch_size=crops)
     batch = next(iter(loader))
     with torch.no_grad():
         recon = model.reconstruct(batch["crop"], generator=torch.Generator().manual_seed(cfg.train.seed))

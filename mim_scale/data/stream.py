@@ -55,20 +55,80 @@ class ShardInfo:
     url: str
     samples: int
     datasets: dict[str, int]
+    sha256: str = ""  # from the manifest; checked where a shard is read whole (see CropStream._members)
+    bytes: int = 0  # from the manifest; bounds what that read may take (0: unknown)
 
 
-def load_shard_list(location: str) -> list[ShardInfo]:
-    """Shards of a manifest; URLs resolved against it.
+# A shard URL in a manifest: a relative name inside the manifest's folder or S3 prefix, path segments of
+# letters, digits and ``._-`` (what the builder writes: ``shard-000000.tar``). No scheme, no ``:``, no
+# shell metacharacter, nothing absolute, no ``..``.
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+ALLOW_EXTERNAL_KEY = "data.allow_external_shard_urls"
+
+
+def check_shard_url(url: Any, *, index: int, where: str, base: str, allow_external: bool) -> str:
+    """The URL to read for manifest entry ``index`` (``url`` as written there), or a
+    :class:`UserFacingError` naming the manifest, the entry and the reason.
+
+    Accepted: a relative name inside the manifest's folder (``shard-000000.tar``, ``part1/shard-0.tar``;
+    on a local disk it must also resolve, symlinks followed, inside that folder) or its S3 prefix, or an
+    ``s3://`` URL under the same prefix as the manifest. Anything else (``pipe:`` URLs, which WebDataset
+    runs through a shell; absolute paths; ``..``; other schemes) only with ``allow_external``
+    (``data.allow_external_shard_urls = true``), for manifests the operator wrote or trusts.
+    """
+    if not isinstance(url, str) or not url:
+        raise UserFacingError(f"{where}: shard entry {index} has no usable 'url' ({url!r})")
+    if allow_external:
+        if "://" not in url and not url.startswith("pipe:") and not Path(url).is_absolute():
+            return f"{base}/{url}"
+        return url
+    refuse = f"{where}: shard entry {index} url {url!r} refused: "
+    hint = (f"; a shard must be a relative name inside the manifest's folder or prefix (set "
+            f"{ALLOW_EXTERNAL_KEY}=true only for a manifest you wrote or trust)")
+    base_is_s3 = base.startswith("s3://")
+    if url.startswith("s3://"):
+        if not base_is_s3:
+            raise UserFacingError(refuse + "an s3:// URL in a manifest that is not in that bucket" + hint)
+        prefix = base.rstrip("/") + "/"
+        if not url.startswith(prefix):
+            raise UserFacingError(refuse + f"outside the manifest's prefix {prefix}" + hint)
+        rel = url[len(prefix):]
+    else:
+        rel = url
+    if url.startswith("pipe:"):
+        raise UserFacingError(refuse + "a pipe: URL runs a shell command" + hint)
+    if "://" in rel or rel.startswith("/") or ":" in rel:
+        raise UserFacingError(refuse + ("an absolute path" if rel.startswith("/") else "a URL scheme") + hint)
+    segments = rel.split("/")
+    if any(seg in ("", ".", "..") for seg in segments):
+        raise UserFacingError(refuse + "empty, '.' or '..' path segments" + hint)
+    bad = [seg for seg in segments if not _SAFE_SEGMENT.match(seg)]
+    if bad:
+        raise UserFacingError(refuse + f"characters outside [A-Za-z0-9._-] in {bad[0]!r}" + hint)
+    if base_is_s3:
+        return f"{base.rstrip('/')}/{rel}"
+    folder = Path(base).resolve()
+    target = (folder / rel).resolve()
+    if not target.is_relative_to(folder):
+        raise UserFacingError(refuse + f"it resolves to {target}, outside {folder} (a symbolic link?)" + hint)
+    return f"{base}/{rel}"
+
+
+def load_shard_list(location: str, *, allow_external: bool = False) -> list[ShardInfo]:
+    """Shards of a manifest; URLs checked (:func:`check_shard_url`) and resolved against it.
 
     ``location``: a manifest.json path or the folder holding it, or ``s3://bucket/prefix/manifest.json``
-    (or ``s3://bucket/prefix/``, read with boto3). Shard URLs in the manifest may be relative (resolved
-    against the manifest's folder or S3 prefix), absolute paths, ``s3://`` URLs, or any URL WebDataset
-    opens (``pipe:...``, ``http://...``). ``s3://`` shards are read through
-    ``pipe:python -m mim_scale.data.s3cat s3://...`` (see :mod:`mim_scale.data.s3cat`: the endpoint comes
-    from ``AWS_ENDPOINT_URL``), so nothing is cached on local disk.
+    (or ``s3://bucket/prefix/``, read with boto3). Shard URLs are relative names inside the manifest's
+    folder or S3 prefix, or ``s3://`` URLs under that prefix; any entry outside that is refused, naming the
+    entry, unless ``allow_external`` (config ``data.allow_external_shard_urls``; then absolute paths,
+    ``s3://`` URLs elsewhere and any URL WebDataset opens, ``pipe:`` included, are read as written).
+    ``s3://`` shards are read through ``pipe:python -m mim_scale.data.s3cat s3://...`` (see
+    :mod:`mim_scale.data.s3cat`: the endpoint comes from ``AWS_ENDPOINT_URL``; the URL is shell-quoted).
     """
     from mim_scale.data import s3cat
 
+    if location.startswith("pipe:"):
+        raise UserFacingError(f"data.shards={location!r}: a manifest location cannot be a pipe: command")
     if location.startswith("s3://"):
         manifest_url = location if location.endswith(".json") else location.rstrip("/") + "/manifest.json"
         try:
@@ -86,19 +146,37 @@ def load_shard_list(location: str) -> list[ShardInfo]:
         manifest = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserFacingError(f"{where}: not a valid manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", []), list):
+        raise UserFacingError(f"{where}: not a valid manifest (expected an object with a 'shards' list)")
     shards = []
-    for entry in manifest.get("shards", []):
-        url = str(entry["url"])
-        if "://" not in url and not url.startswith("pipe:") and not Path(url).is_absolute():
-            url = f"{base}/{url}"
+    for i, entry in enumerate(manifest.get("shards", [])):
+        if not isinstance(entry, dict):
+            raise UserFacingError(f"{where}: shard entry {i} is not an object")
+        url = check_shard_url(entry.get("url"), index=i, where=where, base=base, allow_external=allow_external)
         if url.startswith("s3://"):
             url = s3cat.pipe_url(url)
-        datasets = entry.get("datasets") or {manifest.get("dataset", "default"): entry["samples"]}
-        shards.append(ShardInfo(url=url, samples=int(entry["samples"]), datasets=dict(datasets)))
+        try:
+            samples = int(entry["samples"])
+            datasets = {str(k): int(v) for k, v in
+                        (entry.get("datasets") or {manifest.get("dataset", "default"): samples}).items()}
+            sha = str(entry.get("sha256") or "")
+            size = int(entry.get("bytes") or 0)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UserFacingError(f"{where}: shard entry {i} ({entry.get('url')!r}): bad samples/datasets/"
+                                  f"sha256/bytes ({type(exc).__name__}: {exc})") from exc
+        if sha and not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise UserFacingError(f"{where}: shard entry {i} ({entry.get('url')!r}): sha256 is not 64 hex digits")
+        shards.append(ShardInfo(url=url, samples=samples, datasets=datasets, sha256=sha, bytes=max(0, size)))
     shards = [s for s in shards if s.samples > 0]
     if not shards:
         raise UserFacingError(f"{where}: the manifest lists no non-empty shards")
     return shards
+
+
+def manifest_shards(cfg: DataConfig) -> list[ShardInfo]:
+    """:func:`load_shard_list` of ``cfg.shards`` under the config's URL policy (every reader of a run's
+    shards goes through this, so the driver's check and the workers' reads agree)."""
+    return load_shard_list(cfg.shards, allow_external=cfg.allow_external_shard_urls)
 
 
 def shard_name(url: str) -> str:
@@ -279,6 +357,9 @@ class CropStream(IterableDataset):
         if _is_local(shard.url):
             yield from local_members(shard.url)
             return
+        if shard.sha256:
+            yield from verified_members(shard)
+            return
         try:
             yield from wds.tarfile_samples([{"url": shard.url}], handler=wds.reraise_exception)
         except Exception as exc:  # noqa: BLE001 - any read failure of one shard must not stop training
@@ -355,6 +436,44 @@ def local_members(path: str) -> Iterator[dict]:
         return
     if current is not None:
         yield current
+
+
+class ShardIntegrityError(ValueError):
+    """A shard's bytes differ from its manifest entry (size or sha256)."""
+
+
+def verified_members(shard: ShardInfo, chunk_bytes: int = 1 << 20) -> Iterator[dict]:
+    """Samples of a streamed shard (``pipe:``/``s3://``/http), read whole into a temporary file (deleted
+    when done; at most the manifest's ``bytes``) and checked against the manifest's size and sha256
+    *before* any member is parsed: a shard altered in the store or in transit is skipped and counted like
+    a corrupt one, none of its samples reach training. Local shards are not read whole (crops read only
+    their pages, see :func:`local_members`); ``mim-scale shards verify`` checks those."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(prefix="mim-shard-", suffix=".tar") as spool:
+            digest, size = hashlib.sha256(), 0
+            stream = wds.gopen(shard.url, "rb")
+            try:
+                while block := stream.read(chunk_bytes):
+                    size += len(block)
+                    if shard.bytes and size > shard.bytes:
+                        raise ShardIntegrityError(f"more than the manifest's {shard.bytes} bytes")
+                    digest.update(block)
+                    spool.write(block)
+            finally:
+                stream.close()  # a pipe's exit status is checked here (non-zero raises)
+            if shard.bytes and size != shard.bytes:
+                raise ShardIntegrityError(f"{size} bytes, the manifest says {shard.bytes}")
+            if digest.hexdigest() != shard.sha256:
+                raise ShardIntegrityError(f"sha256 {digest.hexdigest()[:16]}... differs from the manifest's "
+                                          f"{shard.sha256[:16]}...")
+            spool.flush()
+            for sample in local_members(spool.name):
+                yield sample
+    except Exception as exc:  # noqa: BLE001 - any read failure of one shard must not stop training
+        log.warning("skipping shard %s: %s", shard_name(shard.url), exc)
+        yield {"__key__": "__corrupt__", "__error__": str(exc)}
 
 
 def collate(items: list[dict]) -> dict:

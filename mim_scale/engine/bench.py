@@ -44,7 +44,7 @@ def _dir_bytes(path: Path) -> int:
 # -- (a) data ----------------------------------------------------------------------------------------
 def bench_data(args) -> dict:
     from mim_scale.config import DataConfig
-    from mim_scale.data.stream import CropStream, load_shard_list
+    from mim_scale.data.stream import CropStream, manifest_shards
     from mim_scale.shards.builder import build_shards
     from mim_scale.shards.synth import phantom, write_nifti
 
@@ -65,7 +65,7 @@ def bench_data(args) -> dict:
         # ours: one process = one core
         cfg = DataConfig(shards=str(work / "shards"), crop_size=size, crops_per_volume=k, shuffle_buffer=1,
                          num_workers=0, seed=0)
-        stream = iter(CropStream(cfg, load_shard_list(cfg.shards)))
+        stream = iter(CropStream(cfg, manifest_shards(cfg)))
         next(stream)  # imports and first open outside the timing
         n = passes * n_vol * k
         t0 = time.perf_counter()

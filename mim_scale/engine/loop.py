@@ -161,7 +161,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
     Returns the last step's metrics. Every rank must call this. ``fault``: see :func:`parse_fault`.
     """
     fault_spec = parse_fault(fault)
-    from mim_scale.data.stream import load_shard_list, make_loader
+    from mim_scale.data.stream import make_loader, manifest_shards
     from mim_scale.model import build_model, flops_per_sample
 
     t_start = time.perf_counter()
@@ -194,7 +194,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
     state.restarts = max(state.restarts, _count_attempt(Path(run_dir), rank))
 
     metrics = _start_metrics(cfg, run_dir, rank, state.restarts)
-    shards = load_shard_list(cfg.data.shards)
+    shards = manifest_shards(cfg.data)
     loader = make_loader(cfg.data, shards, rank=rank, world_size=world, batch_size=cfg.train.micro_batch,
                          batches_consumed=state.batches_consumed_per_rank, seed=state.stream_seed)
     batches = iter(loader)

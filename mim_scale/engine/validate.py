@@ -39,9 +39,9 @@ def validation_set_path(cfg: Config, run_dir: Path) -> Path:
 def draw_validation_set(cfg: Config) -> ValidationSet:
     """``train.validation_crops`` crops from the configured shards (one fixed stream, one process), masks from
     ``train.seed``."""
-    from mim_scale.data.stream import CropStream, load_shard_list
+    from mim_scale.data.stream import CropStream, manifest_shards
 
-    stream = CropStream(dataclasses.replace(cfg.data, num_workers=0), load_shard_list(cfg.data.shards),
+    stream = CropStream(dataclasses.replace(cfg.data, num_workers=0), manifest_shards(cfg.data),
                         seed=cfg.data.seed + STREAM_SEED_OFFSET)
     it = iter(stream)
     crops = torch.stack([next(it)["crop"] for _ in range(cfg.train.validation_crops)]).float()

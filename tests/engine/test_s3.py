@@ -22,7 +22,7 @@ def bucket(s3_server, engine_shards):
     for f in sorted(engine_shards.iterdir()):
         if f.is_file():
             s3.upload_file(str(f), "ct-shards", f"shards/v1/{f.name}")
-    # a second, local manifest that names the shards by absolute s3:// URLs
+    # a second, local manifest that names the shards by absolute s3:// URLs (data.allow_external_shard_urls)
     manifest = json.loads((engine_shards / "manifest.json").read_text())
     for entry in manifest["shards"]:
         entry["url"] = f"s3://ct-shards/shards/v1/{entry['url']}"
@@ -35,7 +35,9 @@ def test_stream_reads_the_same_crops_from_s3_as_from_disk(bucket, engine_shards,
     remote = load_shard_list("s3://ct-shards/shards/v1/manifest.json")
     assert all(s.url.startswith("pipe:") and "mim_scale.data.s3cat" in s.url for s in remote)
     (tmp_path / "manifest.json").write_text(json.dumps(bucket))
-    via_local_manifest = load_shard_list(str(tmp_path / "manifest.json"))
+    with pytest.raises(UserFacingError, match="shard entry 0"):  # another store: only with the opt-in
+        load_shard_list(str(tmp_path / "manifest.json"))
+    via_local_manifest = load_shard_list(str(tmp_path / "manifest.json"), allow_external=True)
     assert [s.url for s in via_local_manifest] == [s.url for s in remote]
     a = [next(it) for it in [iter(make_loader(cfg, local, rank=0, world_size=1, batch_size=2))] for _ in range(3)]
     b = [next(it) for it in [iter(make_loader(cfg, remote, rank=0, world_size=1, batch_size=2))] for _ in range(3)]
