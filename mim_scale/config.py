@@ -47,7 +47,7 @@ class DataConfig:
 
     shards: str = ""  # manifest.json path, a directory holding one, or a URL prefix
     crop_size: int = 192  # side of the cubic crop, voxels at the shard spacing
-    crops_per_volume: int = 2  # random crops cut from each volume read (one read feeds k samples)
+    crops_per_volume: int = 1  # random crops cut from each volume read (the published loader cuts one)
     hu_min: float = -1000.0  # intensity window, mapped linearly to [0, 1]
     hu_max: float = 1000.0
     shuffle_buffer: int = 8  # samples held for shuffling after decode
@@ -57,6 +57,7 @@ class DataConfig:
     # Shard URLs outside the manifest's own folder / S3 prefix (absolute paths, other buckets, pipe: commands,
     # http) are refused unless this is true: only for manifests you wrote or trust (a pipe: URL runs a shell).
     allow_external_shard_urls: bool = False
+    validation_shards: str = ""  # manifest of held-out volumes (never trained on); "" = validate on training shards
 
 
 @dataclass(frozen=True)
@@ -121,11 +122,16 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 100
+    """The optimisation recipe. Batch, lr and schedule resolve per worker count in :mod:`mim_scale.recipe`."""
+
+    steps: int = 100  # optimizer steps; 0 = derive from ``epochs`` and the training manifest's volume count
+    epochs: float = 0.0  # an epoch = as many volume reads as the training set has volumes
+    warmup_epochs: float = 0.0  # > 0 derives warmup_steps from epochs
     micro_batch: int = 1  # crops per worker per micro-step
-    grad_accum: int = 1
-    lr: float = 0.0  # 0 = derive: base_lr * effective batch / 256
-    base_lr: float = 1e-4
+    global_batch_crops: int = 0  # crops per optimizer step, kept at any worker count; 0 = launch.workers x micro x accum
+    grad_accum: int = 0  # micro-steps per optimizer step; 0 = derive (global_batch_crops / (workers x micro_batch))
+    lr: float = 0.0  # peak lr; 0 = derive: base_lr x global_batch_crops / 256
+    base_lr: float = 4e-4  # the published blr 1e-4 x its factor 4 for crops never cut (docs/MIM_METHOD.md): 2e-4 at 128
     min_lr: float = 0.0
     warmup_steps: int = 10
     weight_decay: float = 0.05
@@ -418,9 +424,15 @@ def validate(cfg: Config) -> None:
     _require(lo.norm_pix_eps > 0, "loss.norm_pix_eps", "must be > 0")
 
     # train
-    _require(t.steps >= 1, "train.steps", "must be >= 1")
+    _require(t.steps >= 0, "train.steps", "must be >= 1 (or 0 to derive it from train.epochs)")
+    _require(t.steps > 0 or t.epochs > 0, "train.steps",
+             "0 derives the steps from train.epochs, which is 0 too: set one of them")
+    _require(t.epochs >= 0 and math.isfinite(t.epochs), "train.epochs", "must be >= 0")
+    _require(t.warmup_epochs >= 0 and (t.epochs == 0 or t.warmup_epochs <= t.epochs), "train.warmup_epochs",
+             "must be >= 0 and at most train.epochs")
     _require(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
-    _require(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    _require(t.grad_accum >= 0, "train.grad_accum", "must be >= 1 (or 0 to derive it from train.global_batch_crops)")
+    _require(t.global_batch_crops >= 0, "train.global_batch_crops", "must be >= 0 (0 = workers x micro_batch x grad_accum)")
     _require(t.lr >= 0, "train.lr", "must be >= 0 (0 derives it from train.base_lr)")
     _require(t.base_lr > 0, "train.base_lr", "must be > 0")
     _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")

@@ -15,12 +15,11 @@ import torch
 from mim_scale.config import Config
 
 
-def effective_lr(cfg: Config, world_size: int) -> float:
-    """``train.lr`` if set, else MIM_METHOD.md's rule: base_lr x effective batch / 256."""
-    t = cfg.train
-    if t.lr > 0:
-        return t.lr
-    return t.base_lr * t.micro_batch * t.grad_accum * world_size / 256
+def effective_lr(cfg: Config) -> float:
+    """The peak lr (:func:`mim_scale.recipe.peak_lr`: ``train.lr``, else base_lr x global batch / 256)."""
+    from mim_scale.recipe import peak_lr
+
+    return peak_lr(cfg)[0]
 
 
 def lr_multiplier(step: int, cfg: Config, peak_lr: float) -> float:
@@ -54,11 +53,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    from mim_scale.recipe import grad_accum_for
+
     t = cfg.train
+    accum = grad_accum_for(cfg, world_size)
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch * accum * world_size,
         "gradient_clipping": t.grad_clip,
         "steps_per_print": 10**9,  # our own logging and metrics report progress
         "wall_clock_breakdown": False,
@@ -105,7 +107,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
     import deepspeed
 
     on_gpu = cfg.launch.use_gpu and torch.cuda.is_available()
-    lr = effective_lr(cfg, world_size)
+    lr = effective_lr(cfg)
     optimizer = make_optimizer(cfg, model, lr, on_gpu)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg, lr))
     engine, optimizer, _, scheduler = deepspeed.initialize(

@@ -62,6 +62,7 @@ def load_or_draw_validation_set(cfg: Config, run_dir: Path, rank: int) -> Valida
     return vset
 
 
-def evaluate(model: torch.nn.Module, vset: ValidationSet, dtype: torch.dtype) -> dict[str, float]:
-    """``val_rec_l1`` .. ``val_total`` of ``model`` on ``vset``, with crops in the training input ``dtype``."""
-    return validation_losses(model, dataclasses.replace(vset, crops=vset.crops.to(dtype)))
+def evaluate(model: torch.nn.Module, vset: ValidationSet) -> dict[str, float]:
+    """``val_rec_l1`` .. ``val_total`` of ``model`` on ``vset``. Crops stay float32, as in training: the
+    targets are cut from them and the model casts only the encoder's input."""
+    return validation_losses(model, dataclasses.replace(vset, crops=vset.crops.float()))

@@ -37,7 +37,8 @@ class MiMModel(nn.Module):
     forward(crops (B, C, 2V, 2V, 2V) in [0, 1]) -> dict of 0-dim tensors:
     ``rec_l1`` [``rec_l2``, ``rec_l3``, ``align_12``, ``align_23``], ``total`` (the weighted sum, the
     only one that carries gradients to optimise), and detached monitors ``z_std_12`` / ``z_std_23``
-    (collapse monitor), ``tokens`` (visible tokens through the transformer, per crop) and ``views``
+    (collapse monitor on centred z, :func:`~mim_scale.model.losses.centred_z_std`), ``zraw_std_12`` /
+    ``zraw_std_23`` (the uncentred one), ``tokens`` (visible tokens through the transformer, per crop) and ``views``
     (masked views per crop).
     """
 
@@ -137,12 +138,12 @@ class MiMModel(nn.Module):
             out[f"rec_l{lv.level}"] = rec
             total = total + weights[lv.level - 1] * rec
         if self.levels >= 2:
-            loss, z_std = alignment_loss(*self.align_pairs_12(levels, results), self.align_12, lo.align_variant)
-            out["align_12"], out["z_std_12"] = loss, z_std
+            loss, monitors = alignment_loss(*self.align_pairs_12(levels, results), self.align_12, lo.align_variant)
+            out["align_12"], out["z_std_12"], out["zraw_std_12"] = loss, monitors["z_std"], monitors["z_std_raw"]
             total = total + lo.align_weights[0] * loss
         if self.levels >= 3:
-            loss, z_std = alignment_loss(*self.align_pairs_23(levels, results), self.align_23, lo.align_variant)
-            out["align_23"], out["z_std_23"] = loss, z_std
+            loss, monitors = alignment_loss(*self.align_pairs_23(levels, results), self.align_23, lo.align_variant)
+            out["align_23"], out["z_std_23"], out["zraw_std_23"] = loss, monitors["z_std"], monitors["z_std_raw"]
             total = total + lo.align_weights[1] * loss
         out["total"] = total
         b = crops.shape[0]

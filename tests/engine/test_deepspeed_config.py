@@ -19,7 +19,7 @@ def _cfg(*overrides):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_config_per_stage(stage):
     ds = deepspeed_config(_cfg(f"train.zero_stage={stage}", "train.grad_accum=3", "train.micro_batch=2",
-                               "train.grad_clip=0.5"), world_size=4)
+                               "train.grad_clip=0.5", "launch.workers=4"), world_size=4)
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["train_batch_size"] == 2 * 3 * 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
@@ -37,7 +37,7 @@ def test_precisions_and_offload():
 
 def test_warmup_then_cosine():
     cfg = _cfg("train.steps=110", "train.warmup_steps=10", "train.lr=1e-3", "train.min_lr=1e-5")
-    peak = effective_lr(cfg, 2)
+    peak = effective_lr(cfg)
     assert peak == 1e-3
     m = [lr_multiplier(s, cfg, peak) for s in range(111)]
     assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)
@@ -45,8 +45,8 @@ def test_warmup_then_cosine():
     assert m[110] * peak == pytest.approx(1e-5)
     assert all(a >= b for a, b in zip(m[10:], m[11:]))
     # derived lr: base_lr x global batch / 256
-    cfg = _cfg("train.lr=0", "train.base_lr=1.5e-4", "train.micro_batch=4", "train.grad_accum=2")
-    assert effective_lr(cfg, 8) == pytest.approx(1.5e-4 * 64 / 256)
+    cfg = _cfg("train.lr=0", "train.base_lr=1.5e-4", "train.micro_batch=4", "train.grad_accum=2", "launch.workers=8")
+    assert effective_lr(cfg) == pytest.approx(1.5e-4 * 64 / 256)
 
 
 def test_no_decay_for_biases_and_norms():

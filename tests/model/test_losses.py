@@ -10,7 +10,7 @@ import torch
 
 from mim_scale.config import load_config
 from mim_scale.model import build_model
-from mim_scale.model.losses import AlignHead, alignment_loss, rec_weights_at
+from mim_scale.model.losses import AlignHead, alignment_loss, centred_z_std, rec_weights_at
 from mim_scale.model.ops import masked_norm_pix_mse, norm_pix_target
 from mim_scale.model.validation import load_ct_hu, random_crops
 
@@ -139,19 +139,39 @@ def test_parents_are_the_regions_the_children_came_from():
         torch.testing.assert_close(child23[row], f3[row].mean(0))
 
 
-def test_collapse_monitor():
+def test_collapse_monitor_reads_a_shared_direction_as_healthy_and_a_collapse_as_collapse():
     torch.manual_seed(0)
+    d = 64
+    u = torch.nn.functional.normalize(torch.randn(d), dim=0)
+    # spread rows that share one direction (mean pairwise cosine ~0.96, as the un-normalised heads gave at init)
+    shared = torch.nn.functional.normalize(u + 0.2 * torch.nn.functional.normalize(torch.randn(32, d), dim=-1), dim=-1)
+    cos = shared @ shared.T
+    assert float(cos[~torch.eye(32, dtype=torch.bool)].mean()) > 0.9
+    assert float(shared.std(0, correction=0).mean()) < 0.05  # the raw monitor reads this as near-collapse
+    assert float(centred_z_std(shared)) > 0.8 / math.sqrt(d)
+    collapsed = u.expand(32, d) + 1e-5 * torch.randn(32, d)  # one output for every input, up to rounding
+    assert float(centred_z_std(torch.nn.functional.normalize(collapsed, dim=-1))) < 1e-6
+    # through the head: the monitors come out of alignment_loss
     head = AlignHead(32)
     parent, child = torch.randn(16, 32), torch.randn(16, 32)
-    _, z_std = alignment_loss(parent, child, head)
+    _, mon = alignment_loss(parent, child, head)
     z = torch.nn.functional.normalize(head.projector(parent), dim=-1)
-    torch.testing.assert_close(z_std, z.std(0, correction=0).mean())
-    assert float(z_std) > 0.3 / math.sqrt(32)
+    torch.testing.assert_close(mon["z_std_raw"], z.std(0, correction=0).mean())
+    assert float(mon["z_std"]) > 0.5 / math.sqrt(32)
     with torch.no_grad():  # a collapsed projector: a constant output
         head.projector.fc2.weight.zero_()
         head.projector.fc2.bias.normal_()
-    _, z_std = alignment_loss(parent, child, head)
-    assert float(z_std) < 1e-6
+    _, mon = alignment_loss(parent, child, head)
+    assert float(mon["z_std"]) < 1e-6
+
+
+def test_projector_output_is_batch_normalised_so_z_do_not_share_a_direction():
+    torch.manual_seed(0)
+    head = AlignHead(32)
+    z = head.projector(torch.randn(64, 32) + 5.0)  # inputs with a large shared component
+    torch.testing.assert_close(z.mean(0), torch.zeros(32), atol=1e-5, rtol=0)
+    zn = torch.nn.functional.normalize(z, dim=-1)
+    assert float((zn @ zn.T)[~torch.eye(64, dtype=torch.bool)].mean().abs()) < 0.1
 
 
 def test_monitors_are_in_every_step(ct_crops):
