@@ -20,6 +20,7 @@ _STAGES = (
     "mim_scale.shards.cli",
     "mim_scale.launcher.cli",
     "mim_scale.export",
+    "mim_scale.catalogue",
     "mim_scale.report",
     "mim_scale.finetune.cli",
     "mim_scale.monitor",

@@ -2,26 +2,39 @@
 
     mim-scale export runs/quickstart --out exports/quickstart            # the run's latest checkpoint
     mim-scale export runs/quickstart/checkpoint_000001 --out exports/q1  # one checkpoint
+    mim-scale export runs/base --out s3://lab-bucket/exports/base-v1     # straight to an object store
+    mim-scale export runs/base --format monai-bundle --out bundles/base  # a MONAI bundle
 
 The export folder holds:
 
 - ``encoder.safetensors``: the hybrid encoder's weights (float32 by default), key schema version 1 below;
 - ``config.json``: architecture (the ``model`` config section), patch and input size, preprocessing
   (orientation, spacing, HU window, scaling), training summary;
-- ``README.md``: the model card; ``SHA256SUMS``: sha256 of every file;
-- with ``--full``, ``mim_full.safetensors``: every pre-training parameter (decoder, alignment MLPs too).
+- ``README.md``: the model card, a Hugging Face Hub card (YAML front matter: licence from the training
+  data's terms, tags, library name, data sets, metrics; see :mod:`mim_scale.model_card`), so the folder
+  uploads as a Hub model repository as it is;
+- ``evaluation.json`` with ``--evaluation REPORT`` (an ``evaluate`` report; its results go into the card);
+- with ``--full``, ``mim_full.safetensors``: every pre-training parameter (decoder, alignment MLPs too);
+- ``SHA256SUMS``: sha256 of every other file, written last: the one index that says the export is complete.
+
+Writes are atomic: a local export is built in a hidden sibling folder, fsynced and renamed into place (an
+older export there is replaced whole, no stale file survives); an ``s3://`` export uploads every file
+first and ``SHA256SUMS`` last (see :mod:`mim_scale.export_store`).
 
 Key schema, version 1 (``schema_version`` in config.json and in the safetensors metadata): the keys of
 ``mim_scale.model.HybridEncoder.state_dict()``, unprefixed. Later versions keep loading version-1 files:
 :func:`load_encoder` maps old keys forward before the strict check.
 
-Loading never unpickles: ``load_encoder(DIR or FILE)`` reads safetensors and JSON only.
+Loading never unpickles: ``load_encoder(DIR, s3:// URI or FILE)`` reads safetensors and JSON only, and only
+after every file ``SHA256SUMS`` lists matched its sha256 (a remote export is pulled into the local cache
+first). A lone ``.safetensors`` file outside any export folder has no index and loads unchecked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -29,14 +42,18 @@ from typing import Any
 import torch
 
 import mim_scale
+from mim_scale import model_card
 from mim_scale.config import ModelConfig, from_dict
 from mim_scale.errors import UserFacingError
-from mim_scale.fileutil import sha256_file
+from mim_scale.export_store import SUMS_FILE, ExportIntegrityError, is_remote, publish_folder, verified_folder, \
+    verify_folder, write_sums
 
 SCHEMA_VERSION = 1
 ENCODER_FILE = "encoder.safetensors"
 FULL_FILE = "mim_full.safetensors"
 CONFIG_FILE = "config.json"
+EVALUATION_FILE = "evaluation.json"
+FORMATS = ("mim", "monai-bundle")
 ENCODER_PREFIX = "encoder."
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,18 +73,46 @@ def _shard_summary(shards: str) -> dict[str, Any]:
     for entry in manifest.get("shards", []):
         for name, n in (entry.get("datasets") or {}).items():
             datasets[name] = datasets.get(name, 0) + int(n)
+    licenses = manifest.get("licenses") if isinstance(manifest.get("licenses"), dict) else {}
     return {"datasets": datasets, "spacing_mm": build.get("spacing", manifest.get("spacing_mm")),
-            "shards": len(manifest.get("shards", [])), "samples": sum(datasets.values())}
+            "shards": len(manifest.get("shards", [])), "samples": sum(datasets.values()),
+            "manifest_licenses": licenses}
 
 
-def export_run(run: Path, out: Path, *, dtype: str = "float32", full_state: bool = False) -> Path:
-    """Consolidate the latest checkpoint under ``run`` (any ZeRO stage, any worker count) into ``out``."""
-    from safetensors.torch import save_file
+def _staging_folder(out: str | Path) -> Path:
+    """Where an export is built before it is published: a hidden sibling of a local ``out`` (same file
+    system, so the final rename is atomic), a private temporary folder for an object store."""
+    import os
+    import tempfile
 
+    if is_remote(out):
+        return Path(tempfile.mkdtemp(prefix="mim-export-"))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def export_run(run: Path, out: str | Path, *, dtype: str = "float32", full_state: bool = False,
+               fmt: str = "mim", data_licenses: dict[str, str] | None = None,
+               evaluation: str | Path | None = None) -> Path | str:
+    """Consolidate the latest checkpoint under ``run`` (any ZeRO stage, any worker count) into ``out``.
+
+    ``out``: a local folder (returned as a Path) or an ``s3://bucket/prefix/NAME`` URI (returned as str).
+    ``fmt``: ``"mim"`` (the export folder, Hub-ready) or ``"monai-bundle"`` (:mod:`mim_scale.monai_bundle`).
+    ``data_licenses``: {data set: Hub licence id}, overriding the manifest's and the known table's.
+    ``evaluation``: an ``evaluate`` JSON report to ship as ``evaluation.json`` (and in the card).
+    """
     from mim_scale.engine import checkpoint as ckpt
-
     from mim_scale.launcher.runs import committed_checkpoint
 
+    if fmt not in FORMATS:
+        raise UserFacingError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
+    if dtype not in _DTYPES:
+        raise UserFacingError(f"unknown dtype {dtype!r} (one of {', '.join(sorted(_DTYPES))})")
     # a Ray run: the newest checkpoint Ray committed (a crash mid-upload leaves a partial folder that only
     # Ray's own list tells apart); a checkpoint folder or a local run: the newest complete one
     committed = None if (Path(run) / ckpt.STATE_FILE).is_file() else committed_checkpoint(str(run))
@@ -75,6 +120,9 @@ def export_run(run: Path, out: Path, *, dtype: str = "float32", full_state: bool
         ckpt_dir = Path(committed) if committed else ckpt.latest_checkpoint(Path(run))
     except FileNotFoundError as exc:
         raise UserFacingError(str(exc)) from exc
+    report = None
+    if evaluation is not None:
+        report = _read_evaluation(Path(evaluation))
     state = ckpt.TrainState.read(ckpt_dir)
     cfg = from_dict(state.config)
     full = ckpt.consolidated_state_dict(ckpt_dir)
@@ -82,17 +130,15 @@ def export_run(run: Path, out: Path, *, dtype: str = "float32", full_state: bool
     if not encoder:
         raise UserFacingError(f"{ckpt_dir}: the checkpoint holds no '{ENCODER_PREFIX}*' parameters")
     torch_dtype = _DTYPES[dtype]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "mim-scale-encoder", "schema_version": str(SCHEMA_VERSION), "version": mim_scale.__version__}
-    save_file({k: v.to(torch_dtype).contiguous() for k, v in encoder.items()}, str(out / ENCODER_FILE), metadata=meta)
-    if full_state:
-        save_file({k: v.contiguous() for k, v in full.items()}, str(out / FULL_FILE),
-                  metadata={**meta, "format": "mim-scale-full"})
     data = _shard_summary(cfg.data.shards)
+    manifest_licenses = data.pop("manifest_licenses", {})
+    if data.get("datasets") is not None or data_licenses:
+        data["licenses"] = model_card.data_licenses(data.get("datasets") or dict.fromkeys(data_licenses or {}, 0),
+                                                    data_licenses, manifest_licenses)
     config = {
         "schema_version": SCHEMA_VERSION,
         "architecture": "mim-hybrid-encoder",
+        "library_name": model_card.LIBRARY_NAME,
         "software_version": mim_scale.__version__,
         "model": cfg.to_dict()["model"],
         "patch_size": cfg.model.patch_size,
@@ -117,46 +163,53 @@ def export_run(run: Path, out: Path, *, dtype: str = "float32", full_state: bool
                      "checkpoint": str(ckpt_dir)},
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-    (out / "README.md").write_text(_model_card(config))
-    files = sorted(p for p in out.iterdir() if p.is_file() and p.name != "SHA256SUMS")
-    (out / "SHA256SUMS").write_text("".join(f"{sha256_file(p)}  {p.name}\n" for p in files))
-    return out
+    weights = {k: v.to(torch_dtype).contiguous() for k, v in encoder.items()}
+    tmp = _staging_folder(out)
+    try:
+        if fmt == "monai-bundle":
+            from mim_scale import monai_bundle
+
+            monai_bundle.write_bundle(tmp, weights, config)
+        else:
+            _write_export(tmp, weights, config, full if full_state else None, report)
+        write_sums(tmp)  # last: the index that says the export is complete
+        published = publish_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return published if is_remote(out) else Path(published)
 
 
-def _model_card(config: dict[str, Any]) -> str:
-    t, p, m = config["training"], config["preprocessing"], config["model"]
-    losses = ", ".join(f"{k} {v:.4f}" for k, v in sorted(t["losses"].items())) or "n/a"
-    data = t.get("data") or {}
-    datasets = ", ".join(f"{k} ({v} volumes)" for k, v in sorted((data.get("datasets") or {}).items())) or "unknown"
-    return f"""# MiM foundation encoder (mim-scale {config['software_version']})
+def _write_export(folder: Path, weights: dict[str, torch.Tensor], config: dict[str, Any],
+                  full: dict[str, torch.Tensor] | None, evaluation: dict[str, Any] | None) -> None:
+    from safetensors.torch import save_file
 
-A 3D CT encoder pre-trained with MiM (Mask in Mask) by mim-scale: hybrid conv + transformer backbone,
-widths {list(m['widths'])}, {m['encoder_depth']} transformer blocks, patch {config['patch_size']}, input
-{config['input_size'][0]}^3, {config['parameters']:,} parameters ({config['dtype']}).
+    meta = {"format": "mim-scale-encoder", "schema_version": str(SCHEMA_VERSION), "version": mim_scale.__version__}
+    save_file(weights, str(folder / ENCODER_FILE), metadata=meta)
+    if full is not None:
+        save_file({k: v.contiguous() for k, v in full.items()}, str(folder / FULL_FILE),
+                  metadata={**meta, "format": "mim-scale-full"})
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    if evaluation is not None:
+        (folder / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=1))
+    (folder / "README.md").write_text(model_card.render(config, evaluation))
 
-## Training
-- steps: {t['step']}, crops seen: {t['samples_seen']}, visible tokens seen: {t['tokens_seen']}
-- final losses: {losses}
-- masking: levels {t['masking']['levels']}, ratios {t['masking']['level1_ratio']} / {t['masking']['level2_ratio']} / {t['masking']['level3_ratio']}
-- data: {datasets}
 
-## Preprocessing (apply the same at fine-tuning and inference)
-- orientation {p['orientation']}, spacing {p['spacing_mm']} mm isotropic
-- HU window [{p['hu_min']}, {p['hu_max']}]; {p['scaling']}
+def _read_evaluation(path: Path) -> dict[str, Any]:
+    """An ``evaluate`` report (JSON, bounded), checked for the fields the card reads."""
+    from mim_scale.export_store import MAX_JSON_BYTES
 
-## Use
-```python
-from mim_scale import load_encoder
-encoder, config = load_encoder("THIS_FOLDER")      # strict key matching, safetensors only
-features = encoder.forward_features(x)              # x: (N, 1, {config['input_size'][0]}, {config['input_size'][0]}, {config['input_size'][0]}) in [0, 1]
-```
-Fine-tune: `mim-scale finetune --task segmentation --data dataset.json --init THIS_FOLDER`.
-
-## Intended use
-Research: initialisation for CT segmentation and classification models. Not a medical device; not for
-clinical decisions. Files are checked by `sha256sum -c SHA256SUMS`.
-"""
+    if not path.is_file():
+        raise UserFacingError(f"--evaluation {path}: no such file")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise UserFacingError(f"--evaluation {path}: larger than {MAX_JSON_BYTES} bytes, not an evaluate report")
+    try:
+        report = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserFacingError(f"--evaluation {path}: not JSON ({exc})") from exc
+    if not isinstance(report, dict) or not isinstance(report.get("runs"), dict):
+        raise UserFacingError(f"--evaluation {path}: not a `mim-scale evaluate` report (no 'runs')")
+    return report
 
 
 class KeyMismatchError(UserFacingError):
@@ -166,18 +219,71 @@ class KeyMismatchError(UserFacingError):
                          f"unexpected {len(unexpected)}: {unexpected[:8]})")
 
 
-def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+def locate_export(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
+    """The weights file of an export, verified, and its config.json (None for a lone safetensors file).
+
+    ``path``: an export folder (a Hub download too), an ``s3://`` URI (pulled into the cache), or a
+    ``.safetensors`` file. Every file the folder's ``SHA256SUMS`` lists is checked before anything is read;
+    a folder without ``SHA256SUMS`` is refused (partial or not an export); a file inside a folder that
+    has one must be listed in it. Only a lone file with no index beside it loads unchecked.
+    """
+    if is_remote(path):
+        folder, file = verified_folder(str(path)), None  # pulled, and checked, in the cache
+        sums = _listing(folder)
+    else:
+        path = Path(path)
+        if path.is_dir():
+            folder, file = path, None
+            sums = verify_folder(folder)
+        elif path.is_file():
+            folder, file = path.parent, path
+            if not (folder / SUMS_FILE).is_file():
+                return file, None  # a lone weights file: nothing to check it against
+            sums = verify_folder(folder)
+            if path.name not in sums:
+                raise ExportIntegrityError(f"{path}: not listed in {folder / SUMS_FILE}")
+        else:
+            raise UserFacingError(f"{path}: no such export (a folder, an s3:// URI or a .safetensors file)")
+    file = file or folder / ENCODER_FILE
+    if file.name not in sums:
+        raise UserFacingError(f"{folder}: no {ENCODER_FILE} in {SUMS_FILE} (expected an export folder or a "
+                              ".safetensors file; a MONAI bundle loads through monai.bundle)")
+    config = None
+    if CONFIG_FILE in sums:
+        config = _read_config(folder / CONFIG_FILE)
+    elif (folder / CONFIG_FILE).is_file():
+        raise ExportIntegrityError(f"{folder / CONFIG_FILE}: not listed in {SUMS_FILE}")
+    return file, config
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    from mim_scale.export_store import MAX_JSON_BYTES
+
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ExportIntegrityError(f"{path}: larger than {MAX_JSON_BYTES} bytes, not an export's config")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ExportIntegrityError(f"{path}: not JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ExportIntegrityError(f"{path}: not a JSON object")
+    return config
+
+
+def _listing(folder: Path) -> dict[str, str]:
+    from mim_scale.export_store import parse_sums
+
+    return parse_sums((folder / SUMS_FILE).read_bytes(), str(folder / SUMS_FILE))
+
+
+def _read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(path)
-    file = path / ENCODER_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise UserFacingError(f"{path}: no {ENCODER_FILE} (expected an export folder or a .safetensors file)")
     try:
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}
-        return load_file(str(file)), meta, file
+        return load_file(str(file)), meta
     except Exception as exc:  # noqa: BLE001
         raise UserFacingError(f"{file}: not a readable safetensors file ({exc})") from exc
 
@@ -189,9 +295,16 @@ def _upgrade_keys(weights: dict[str, torch.Tensor], schema: int) -> dict[str, to
     return weights
 
 
-def load_encoder_weights(encoder: torch.nn.Module, path: Path, strict: bool = True) -> dict[str, list[str]]:
-    """Load exported weights into an existing encoder; returns {"missing": [...], "unexpected": [...]}."""
-    weights, meta, file = _read_weights(path)
+def load_encoder_weights(encoder: torch.nn.Module, path: str | Path, strict: bool = True) -> dict[str, list[str]]:
+    """Load exported weights (folder, ``s3://`` URI or file; verified) into an existing encoder.
+
+    Returns {"missing": [...], "unexpected": [...]} (both empty under ``strict``, which raises instead)."""
+    file, _config = locate_export(path)
+    return _load_into(encoder, file, strict)
+
+
+def _load_into(encoder: torch.nn.Module, file: Path, strict: bool) -> dict[str, list[str]]:
+    weights, meta = _read_weights(file)
     weights = _upgrade_keys(weights, int(meta.get("schema_version", SCHEMA_VERSION)))
     own = encoder.state_dict()
     missing = sorted(set(own) - set(weights))
@@ -205,35 +318,62 @@ def load_encoder_weights(encoder: torch.nn.Module, path: Path, strict: bool = Tr
     return {"missing": missing, "unexpected": unexpected}
 
 
+def model_config_of(model: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of an export's ``config.json["model"]`` block."""
+    return from_dict({"model": model, "data": {"crop_size": 2 * model["view_size"]}}).model
+
+
 def load_encoder(path: str | Path, strict: bool = True, model_cfg: ModelConfig | None = None):
     """Build the encoder described by an export and load its weights: ``(encoder, config_dict)``.
 
-    ``path`` is an export folder (config.json + encoder.safetensors) or a single safetensors file (then
-    ``model_cfg`` must describe the architecture, unless the file sits in an export folder).
+    ``path``: an export folder (config.json + encoder.safetensors; a folder downloaded from the Hugging
+    Face Hub is one), an ``s3://bucket/prefix/NAME`` URI (pulled into the local cache), or a single
+    safetensors file (then ``model_cfg`` must describe the architecture, unless the file sits in an export
+    folder). Every file listed in ``SHA256SUMS`` is verified before anything is read.
+    ``config_dict["local_path"]`` is the verified local folder the weights were read from.
     """
     from mim_scale.model import build_encoder
 
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    config: dict[str, Any] = {}
-    if (folder / CONFIG_FILE).is_file():
-        config = json.loads((folder / CONFIG_FILE).read_text())
+    file, config = locate_export(path)
+    config = dict(config or {})
     if model_cfg is None:
         if "model" not in config:
             raise UserFacingError(f"{path}: no {CONFIG_FILE} beside the weights; pass model_cfg= to describe the encoder")
-        model_cfg = from_dict({"model": config["model"], "data": {"crop_size": 2 * config["model"]["view_size"]}}).model
+        model_cfg = model_config_of(config["model"])
     encoder = build_encoder(model_cfg)
-    report = load_encoder_weights(encoder, path, strict=strict)
-    config["load_report"] = report
+    config["load_report"] = _load_into(encoder, file, strict)
+    config["local_path"] = str(file.parent)
     return encoder, config
 
 
+def _parse_licenses(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, lic = item.partition("=")
+        if not sep or not name or not lic:
+            raise UserFacingError(f"--data-license {item!r}: expected NAME=LICENSE (a Hub licence id, e.g. cc-by-4.0)")
+        out[name] = lic
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
-    out = export_run(Path(args.run), Path(args.out), dtype=args.dtype, full_state=args.full)
-    encoder, config = load_encoder(out)  # prove it loads, strictly, before saying it is done
-    print(f"exported {config['parameters']:,} encoder parameters (step {config['training']['step']}) to {out}")
-    for p in sorted(out.iterdir()):
-        print(f"  {p}")
+    out = export_run(Path(args.run), args.out, dtype=args.dtype, full_state=args.full, fmt=args.format,
+                     data_licenses=_parse_licenses(args.data_license), evaluation=args.evaluation)
+    if args.format == "monai-bundle":
+        from mim_scale.monai_bundle import load_bundle_network
+
+        net, _ = load_bundle_network(out)  # prove the bundle's own config builds and loads it
+        n = sum(p.numel() for p in net.parameters())
+        print(f"exported a MONAI bundle ({n:,} parameters) to {out}")
+    else:
+        encoder, config = load_encoder(out)  # prove it loads, strictly, every sha256 checked, before saying so
+        print(f"exported {config['parameters']:,} encoder parameters (step {config['training']['step']}) to {out}")
+    if is_remote(out):
+        print(f"  complete: {out}/{SUMS_FILE} written last")
+    else:
+        for p in sorted(Path(out).rglob("*")):
+            if p.is_file():
+                print(f"  {p}")
     return 0
 
 
@@ -241,7 +381,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="consolidate a run's checkpoint into a foundation encoder (safetensors)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN_DIR", help="a run folder (its latest checkpoint) or one checkpoint folder")
-    p.add_argument("--out", required=True, help="export folder")
+    p.add_argument("--out", required=True, help="export folder, or s3://bucket/prefix/NAME")
+    p.add_argument("--format", default="mim", choices=FORMATS,
+                   help="mim: the export folder (Hub-ready); monai-bundle: a MONAI bundle")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="dtype of the exported weights")
     p.add_argument("--full", action="store_true", help="also write every pre-training parameter")
+    p.add_argument("--data-license", action="append", default=[], metavar="DATASET=LICENSE",
+                   help="licence of a training data set (Hub id, e.g. cc-by-4.0); the card's licence follows them")
+    p.add_argument("--evaluation", default=None, metavar="REPORT",
+                   help="a `mim-scale evaluate` JSON report to ship with the weights (results go into the card)")
     p.set_defaults(func=_run)

@@ -42,8 +42,9 @@ def model_config_from_meta(meta: dict[str, Any], where: str) -> ModelConfig:
 
 def resolve_init(init: str, model_config: str | ModelConfig | None = None) -> EncoderInit:
     """``init`` = ``"scratch"`` (architecture from ``model_config``: a shipped name, a file, or a
-    ModelConfig) or an exported encoder loaded with strict key matching: an export folder, or a
-    single safetensors file (its architecture from a ``config.json`` beside it, else ``model_config``)."""
+    ModelConfig) or an exported encoder loaded with strict key matching: an export folder, an ``s3://``
+    URI of one (pulled into the local cache), or a single safetensors file (its architecture from a
+    ``config.json`` beside it, else ``model_config``). Exports are verified against ``SHA256SUMS`` first."""
     from mim_scale.model.encoder import build_encoder
 
     if init == "scratch":
@@ -51,17 +52,22 @@ def resolve_init(init: str, model_config: str | ModelConfig | None = None) -> En
             raise UserFacingError("--init scratch needs --model (a shipped config name such as tiny or base, or a file)")
         cfg = model_config if isinstance(model_config, ModelConfig) else load_config(model_config).model
         return EncoderInit(build_encoder(cfg), cfg, "scratch", {})
-    path = Path(init)
-    if not path.exists():
-        raise UserFacingError(f"--init {init}: no such exported encoder (a folder or a .safetensors file), "
-                              "and not 'scratch'")
     try:
         from mim_scale.export import load_encoder
+        from mim_scale.export_store import is_remote
     except ModuleNotFoundError as exc:
         raise UserFacingError(f"--init {init}: the export stage (mim_scale.export) is not installed") from exc
+    if is_remote(init):
+        # pulled into the local cache and every sha256 checked; the cached folder is what gets loaded
+        encoder, meta = load_encoder(init)
+        return EncoderInit(encoder, model_config_from_meta(meta, init), init, meta)
+    path = Path(init)
+    if not path.exists():
+        raise UserFacingError(f"--init {init}: no such exported encoder (a folder, an s3:// URI or a .safetensors "
+                              "file), and not 'scratch'")
     folder = path if path.is_dir() else path.parent
     if (folder / "config.json").is_file() or model_config is None:
-        encoder, meta = load_encoder(path)
+        encoder, meta = load_encoder(path)  # every sha256 in SHA256SUMS checked before anything is read
         cfg = model_config_from_meta(meta, str(path))
     else:
         # a lone safetensors file: the architecture comes from --model

@@ -48,7 +48,9 @@ def finetune_on_workers(data: str | Path, init: str, out: str | Path, *, workers
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     started = ensure_ray(cfg, env)
     try:
-        loop_config = {"data": str(Path(data).resolve()), "init": init if init == "scratch" else str(Path(init).resolve()),
+        # scratch and s3:// URIs pass as they are (each worker pulls into its node's verified cache)
+        keep = init == "scratch" or str(init).startswith("s3://")
+        loop_config = {"data": str(Path(data).resolve()), "init": init if keep else str(Path(init).resolve()),
                        "out": str(out), "recipe": str(recipe) if recipe is not None else None,
                        "overrides": list(overrides or []), "model_config": model_config, "resume": resume}
         trainer = TorchTrainer(
