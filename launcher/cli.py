@@ -69,6 +69,23 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from mim_scale.plan import format_plan, make_plan
+
+    workers, min_workers = args.workers if args.workers else (None, None)
+    cfg = config_from_args(args, {"launch.workers": workers, "launch.min_workers": min_workers,
+                                  "launch.use_gpu": True if args.use_gpu else None})
+    plan = make_plan(cfg, training_volumes=args.volumes, device=args.device, workers_per_node=args.workers_per_node)
+    print(json.dumps(plan.as_dict(), indent=1) if args.json else format_plan(plan))
+    lo, hi = plan.elastic_range
+    bad = [w for w in range(lo, hi + 1) if w not in plan.allowed_workers]
+    if bad:
+        print(f"mim-scale plan: with {bad} workers the global batch of {plan.recipe.crops_per_step} crops does not "
+              f"split; worker counts that keep it: {', '.join(map(str, plan.allowed_workers))}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from mim_scale.launcher.runs import format_status, resolve_run, run_status
 
@@ -90,6 +107,7 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from mim_scale import plan as plan_module
     from mim_scale.launcher import ray_train, runs
 
     p = sub.add_parser("pretrain", help="pre-train MiM on a Ray cluster (a local one by default)",
@@ -108,6 +126,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="environment for every worker (repeatable; names in $MIM_SCALE_FORWARD_ENV are passed on too)")
     p.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # failure drills: raise|kill:RANK:STEP
     p.set_defaults(func=_pretrain)
+
+    q = sub.add_parser("plan", help="what a pre-training run will do and cost: batch, lr, schedule, FLOPs, memory, "
+                                    "projected hours", description=plan_module.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(q)
+    q.add_argument("--workers", type=_workers, default=None, metavar="N|MIN,MAX", help="as for pretrain")
+    q.add_argument("--use-gpu", action="store_true", help="plan for GPU workers")
+    q.add_argument("--volumes", type=int, default=None, metavar="N",
+                   help="training volumes (default: the count in data.shards' manifest)")
+    q.add_argument("--device", default=None, help="device whose measured throughput to project with (e.g. H100; "
+                                                   "default H200 on GPU, cpu otherwise)")
+    q.add_argument("--workers-per-node", type=int, default=None, metavar="N",
+                   help="workers sharing one node's storage link (default 8 on GPU)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=_plan)
 
     s = sub.add_parser("status", help="where a run stands: step, samples, last checkpoint, restarts, workers",
                        description=runs.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -42,8 +42,8 @@ class Recipe:
     volumes_per_step: float
     peak_lr: float
     lr_rule: str  # how peak_lr was obtained
-    warmup_steps: int
-    total_steps: int
+    warmup_steps: int | None  # None only in a plan made without the training set's volume count
+    total_steps: int | None
     training_volumes: int | None  # volumes in the training manifest (None: not known here)
     steps_per_epoch: float | None
     epochs: float | None  # total_steps in epochs (None when training_volumes is unknown)
@@ -93,11 +93,12 @@ def peak_lr(cfg: Config) -> tuple[float, str]:
     return t.base_lr * batch / LR_REFERENCE_BATCH, f"train.base_lr {t.base_lr:g} x {batch} crops / {LR_REFERENCE_BATCH}"
 
 
-def resolve(cfg: Config, workers: int | None = None, training_volumes: int | None = None) -> Recipe:
+def resolve(cfg: Config, workers: int | None = None, training_volumes: int | None = None, *,
+            need_steps: bool = True) -> Recipe:
     """The recipe on ``workers`` (default ``launch.workers``) for a training set of ``training_volumes``.
 
     Raises ConfigError when the batch does not split, or when the steps derive from epochs and the volume
-    count is unknown.
+    count is unknown (unless ``need_steps`` is False: then the steps are None, for a plan).
     """
     t, d = cfg.train, cfg.data
     workers = workers or cfg.launch.workers
@@ -107,6 +108,8 @@ def resolve(cfg: Config, workers: int | None = None, training_volumes: int | Non
     steps_per_epoch = training_volumes / volumes_per_step if training_volumes else None
     if t.steps:
         total = t.steps
+    elif steps_per_epoch is None and not need_steps:
+        total = None
     elif steps_per_epoch is None:
         raise ConfigError("train.steps", f"0 derives the steps from train.epochs = {t.epochs:g} and the training "
                                          "set's volume count, which is unknown: set data.shards to a manifest "
@@ -115,6 +118,8 @@ def resolve(cfg: Config, workers: int | None = None, training_volumes: int | Non
         total = max(1, math.ceil(t.epochs * steps_per_epoch))
     if t.warmup_epochs and steps_per_epoch is not None:
         warmup = min(total, round(t.warmup_epochs * steps_per_epoch))
+    elif t.warmup_epochs and not need_steps:
+        warmup = None
     elif t.warmup_epochs:
         raise ConfigError("train.warmup_epochs", "needs the training set's volume count: set data.shards")
     else:
@@ -124,7 +129,7 @@ def resolve(cfg: Config, workers: int | None = None, training_volumes: int | Non
                   crops_per_volume=d.crops_per_volume, volumes_per_step=volumes_per_step, peak_lr=lr, lr_rule=rule,
                   warmup_steps=warmup, total_steps=total, training_volumes=training_volumes,
                   steps_per_epoch=steps_per_epoch,
-                  epochs=total / steps_per_epoch if steps_per_epoch else None)
+                  epochs=total / steps_per_epoch if steps_per_epoch and total else None)
 
 
 def apply(cfg: Config, recipe: Recipe) -> Config:
