@@ -1,23 +1,27 @@
-"""Training checkpoints: a DeepSpeed checkpoint directory plus ``state.json``.
+"""Training checkpoints: the layout-free full state (safetensors) plus JSON, and DeepSpeed's own files.
 
 Layout of one checkpoint directory (what ``ray.train.report`` persists, or what the local writer renames
 into place)::
 
     state.json              step, samples/tokens seen, stream position, config, version, restarts,
-                            scheduler position (written last: its presence marks a complete checkpoint)
+                            scheduler position, DeepSpeed's step counters and loss scale (written last: its
+                            presence marks a complete checkpoint)
     rng-rank<r>.json        each rank's torch / numpy / python RNG states
-    full_state.safetensors  fp32 masters + AdamW moments per parameter (see ``full_state``): export and
-                            resume on another worker count
+    full_state.safetensors  fp32 masters + AdamW moments per parameter and the optimizer step (see
+                            ``full_state``): what resume, resharding, consolidation and export read
     mim/                    DeepSpeed's tag folder: model states (rank 0) + ZeRO optimizer shards (every rank)
     latest                  DeepSpeed's pointer to the tag
+
+Nothing is unpickled on load. DeepSpeed's ``*.pt`` files are pickles (``load_checkpoint`` calls ``torch.load``
+with ``weights_only=False``): whoever can write to the run storage would run code on every rank at the next
+restart. So :func:`load` never calls DeepSpeed's loader: model, optimizer (masters, moments, step), schedule,
+DeepSpeed's counters and loss scale, and RNG come from ``full_state.safetensors`` and the JSON files, on the
+same layout or another one. DeepSpeed's files are still written (DeepSpeed's own tools, such as
+``zero_to_fp32.py``, read them for operators who trust them); mim-scale reads none of them.
 
 Atomicity: ranks write into ``step_N.tmp`` (or a Ray scratch folder), ``state.json`` is written by rank 0
 after every rank's files (the full-state gather is a collective that follows each rank's DeepSpeed save),
 then the folder is renamed into place. A crash at any point leaves the previous checkpoint complete.
-
-``state.json`` is plain JSON: nothing in it is unpickled. Consolidating to fp32 for export goes through
-DeepSpeed's own reader of its own files (those contain pickled Python objects written by this run; only
-checkpoints of runs you trust should be exported: foundation checkpoints handed to others are safetensors).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,8 @@ class TrainState:
     step: int = 0  # optimizer steps completed
     samples_seen: int = 0  # crops consumed, all ranks together
     tokens_seen: int = 0  # visible tokens through the encoder, all ranks together
+    views_seen: int = 0  # masked views through the model, all ranks together
+    volumes_seen: int = 0  # volume reads the crops came from, all ranks together
     world_size: int = 1
     micro_batch: int = 1
     grad_accum: int = 1
@@ -59,6 +65,7 @@ class TrainState:
     corrupt_skipped: int = 0  # corrupt samples/shards skipped, all ranks together
     losses: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)  # DeepSpeed's counters and loss scale (engine_state)
     version: str = mim_scale.__version__
     format: str = STATE_FORMAT
     format_version: int = STATE_VERSION
@@ -110,8 +117,52 @@ def save(engine, ckpt_dir: Path, state: TrainState, rank: int) -> int:
     engine.save_checkpoint(str(ckpt_dir), tag=TAG, client_state={"step": state.step})
     full_state.save(engine, ckpt_dir, rank)
     if rank == 0:
-        write_atomic(ckpt_dir / STATE_FILE, state.to_json())
+        write_atomic(ckpt_dir / STATE_FILE, replace(state, engine=engine_state(engine)).to_json())
     return _dir_bytes(ckpt_dir)
+
+
+# DeepSpeed engine counters and (fp16) loss-scaler fields that its pickled checkpoint would restore
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+_SCALER_FIELDS = {"cur_scale": float, "cur_iter": int, "last_overflow_iter": int, "cur_hysteresis": int}
+
+
+def _number(x: Any) -> float | None:
+    if torch.is_tensor(x) and x.numel() == 1:
+        return float(x.item())
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    return None
+
+
+def engine_state(engine) -> dict[str, Any]:
+    """DeepSpeed's step counters and, for fp16, its dynamic loss scale, as JSON values."""
+    out: dict[str, Any] = {}
+    for key in _ENGINE_COUNTERS:
+        value = _number(getattr(engine, key, None))
+        if value is not None:
+            out[key] = int(value)
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is not None:
+        fields = {k: _number(getattr(scaler, k, None)) for k in _SCALER_FIELDS}
+        out["loss_scaler"] = {k: v for k, v in fields.items() if v is not None}
+    return out
+
+
+def set_engine_state(engine, saved: dict[str, Any]) -> None:
+    """Inverse of :func:`engine_state` (values of the wrong type are ignored, not trusted)."""
+    for key in _ENGINE_COUNTERS:
+        if isinstance(saved.get(key), int) and hasattr(engine, key):
+            setattr(engine, key, int(saved[key]))
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for key, value in (saved.get("loss_scaler") or {}).items():
+        if scaler is None or key not in _SCALER_FIELDS or not isinstance(value, (int, float)):
+            continue
+        current = getattr(scaler, key, None)
+        cast = _SCALER_FIELDS[key](value)
+        if torch.is_tensor(current):
+            current.fill_(cast)
+        elif current is not None:
+            setattr(scaler, key, cast)
 
 
 def _dir_bytes(folder: Path) -> int:
@@ -127,24 +178,18 @@ def _dir_bytes(folder: Path) -> int:
 
 
 def load(engine, ckpt_dir: Path, rank: int = 0, world_size: int | None = None, scheduler=None) -> TrainState:
-    """Restore model, optimizer, scheduler and RNG into ``engine``; return the saved :class:`TrainState`.
+    """Restore model, optimizer, scheduler, DeepSpeed's counters and RNG into ``engine``; return the saved
+    :class:`TrainState`. Reads only ``full_state.safetensors`` and JSON (nothing is unpickled).
 
-    Same worker count: DeepSpeed's own checkpoint (exact). Another worker count: the full fp32 state is
-    scattered onto the new layout (:func:`full_state.restore`) and the schedule is moved to the saved step.
+    Any worker count: the full fp32 state is scattered onto this engine's layout (:func:`full_state.restore`:
+    masters, AdamW moments and step) and the schedule is moved to the saved step. On the layout that saved
+    it the RNG states continue too, so the run is the one that never stopped (tested to 1e-6 in fp32).
     """
     from mim_scale.engine import full_state
 
     state = TrainState.read(ckpt_dir)
-    if world_size is None or world_size == state.world_size:
-        load_path, _client = engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
-        if load_path is None:
-            raise RuntimeError(f"{ckpt_dir}: DeepSpeed found no checkpoint under tag {TAG!r}")
-        rng_file = Path(ckpt_dir) / f"rng-rank{rank}.json"
-        if rng_file.is_file():
-            set_rng_state(json.loads(rng_file.read_text()))
-        return state
     full_state.restore(engine, ckpt_dir)
+    set_engine_state(engine, state.engine)
     if scheduler is not None:
         epoch = state.scheduler_epoch or state.step
         scheduler.last_epoch = epoch
@@ -154,6 +199,10 @@ def load(engine, ckpt_dir: Path, rank: int = 0, world_size: int | None = None, s
         scheduler._last_lr = lrs
         for group, lr in zip(engine.optimizer.param_groups, lrs):
             group["lr"] = lr
+    if world_size is None or world_size == state.world_size:
+        rng_file = Path(ckpt_dir) / f"rng-rank{rank}.json"
+        if rng_file.is_file():
+            set_rng_state(json.loads(rng_file.read_text()))
     return state
 
 
@@ -190,21 +239,14 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """The full model state in fp32 from a checkpoint of any ZeRO stage and any worker count.
 
     Parameters are the optimizer's fp32 masters (``full_state.safetensors``, read with no unpickling);
-    for a bf16/fp16 run these differ from the module's low-precision weights. Checkpoints written before
-    that file existed fall back to DeepSpeed's readers.
+    for a bf16/fp16 run these differ from the module's low-precision weights. A checkpoint without that
+    file (written before it existed) is refused: its DeepSpeed files are pickles, and mim-scale loads none.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from mim_scale.engine import full_state
 
-    if (Path(ckpt_dir) / full_state.FILE).is_file():
-        return full_state.master_weights(ckpt_dir)
-    state = TrainState.read(ckpt_dir)
-    stage = int(state.config.get("train", {}).get("zero_stage", 0))
-    if stage == 0:
-        # Without ZeRO (fp32 or bf16 optimizer) the model states file holds the module weights.
-        path = Path(ckpt_dir) / TAG / "mp_rank_00_model_states.pt"
-        blob = torch.load(path, map_location="cpu", weights_only=False)  # our own run's file; see module doc
-        return {k: v.float() for k, v in blob["module"].items()}
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
-    return {k: v.float() for k, v in sd.items()}
+    if not (Path(ckpt_dir) / full_state.FILE).is_file():
+        raise FileNotFoundError(
+            f"{ckpt_dir}: no {full_state.FILE}; the rest of this checkpoint is DeepSpeed pickles, which mim-scale "
+            "does not load (they can run code). If you trust its origin, convert it yourself with DeepSpeed's "
+            "zero_to_fp32.py and load the result as safetensors.")
+    return full_state.master_weights(ckpt_dir)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 FILE = "full_state.safetensors"
+FORMAT = "mim-scale-full-state-1"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -138,7 +139,7 @@ def save(engine, ckpt_dir: Path, rank: int) -> None:
     tensors, step = gather(engine)
     if rank == 0:
         tmp = Path(ckpt_dir) / f".{FILE}.tmp"
-        save_file(tensors, str(tmp), metadata={"optimizer_step": str(step), "format": "mim-scale-full-state-1"})
+        save_file(tensors, str(tmp), metadata={"optimizer_step": str(step), "format": FORMAT})
         tmp.replace(Path(ckpt_dir) / FILE)
 
 
@@ -149,11 +150,19 @@ def read(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (checkpoints written before full-state saving cannot be resharded)")
     tensors = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        for key in f.keys():
-            tensors[key] = f.get_tensor(key)
-    return tensors, int(meta.get("optimizer_step", 0))
+    try:
+        with safe_open(str(path), framework="pt") as f:  # a JSON header and raw tensors: nothing unpickled
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')!r} is not {FORMAT!r}")
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+        step = int(meta.get("optimizer_step", 0))
+    except Exception as exc:  # noqa: BLE001 - safetensors' own errors do not name the file
+        raise ValueError(f"{path}: not a readable full state ({type(exc).__name__}: {exc})") from exc
+    if step < 0:
+        raise ValueError(f"{path}: negative optimizer step {step}")
+    return tensors, step
 
 
 def master_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -186,6 +195,15 @@ def restore(engine, ckpt_dir: Path) -> int:
     missing = sorted(n for n, p in params.items() if p.requires_grad and f"param/{n}" not in tensors)
     if missing:
         raise ValueError(f"{ckpt_dir / FILE}: no saved state for parameters {missing[:5]} (model changed?)")
+    for name, p in params.items():  # copy_ would broadcast a wrongly shaped tensor: check every one first
+        if not p.requires_grad:
+            continue
+        shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+        for kind in ("param", *MOMENTS):
+            t = tensors.get(f"{kind}/{name}")
+            if t is None or tuple(t.shape) != shape or t.dtype != torch.float32:
+                raise ValueError(f"{ckpt_dir / FILE}: {kind}/{name} is "
+                                 f"{None if t is None else (t.dtype, tuple(t.shape))}, expected float32 {shape}")
     flats = _flat_masters(engine)
     for name, p in params.items():
         if not p.requires_grad:

@@ -1,8 +1,12 @@
 """Exact resume: 20 steps straight against 10 + SIGTERM-save + resume + 10 (same fp32 parameters, same data
 order), SIGKILL of one process mid-run then resume from the last checkpoint, and resume of a 2-worker run on
-1 and on 3 workers (consolidate and reshard: samples_seen continuous, global batch kept, loss continuous)."""
+1 and on 3 workers (consolidate and reshard: samples_seen continuous, global batch kept, loss continuous).
+The resumed run starts from a checkpoint whose every DeepSpeed ``.pt`` file was replaced by a pickle that
+creates a file when unpickled: resume reads only safetensors and JSON, so it is still exact and nothing ran."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +29,44 @@ def pair(engine_shards, tiny_config, tmp_path_factory):
     resumed = Job(tiny_config(engine_shards, *common), root / "split")
     launch_jobs([straight, split], workers=2)
     first_half = {r: step_log(split.run_dir, r) for r in (0, 1)}
+    planted = plant_pickles(split.run_dir / "checkpoints", root / "pwned")
+    assert len(planted) >= 3  # model states + one ZeRO optimizer shard per rank
+    (root / "planted.pt").write_bytes(planted[0].read_bytes())  # kept for test_planted_pickles_would_have_run
     launch_jobs([resumed], workers=2)  # fresh processes: RNG, engine and stream rebuilt from disk
+    assert not (root / "pwned").exists()  # no planted pickle was loaded
     return straight, split, first_half
+
+
+class _RunsCode:
+    """Unpickling this creates ``marker`` (what a hostile pickle in the run storage would do, less politely)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant_pickles(folder: Path, marker: Path) -> list[Path]:
+    """Replace every ``.pt`` under ``folder`` by a pickle that creates ``marker`` when loaded."""
+    planted = sorted(folder.rglob("*.pt"))
+    for path in planted:
+        torch.save({"module": _RunsCode(marker), "optimizer_state_dict": _RunsCode(marker)}, path)
+    return planted
+
+
+def test_planted_pickles_would_have_run(pair):
+    """The planted files are live: DeepSpeed's way of loading them (weights_only=False) runs their code;
+    torch's safe loader refuses them. (Run after the resume, which the fixture checked ran nothing.)"""
+    _, split, _ = pair
+    marker, planted = split.run_dir.parent / "pwned", split.run_dir.parent / "planted.pt"
+    assert not marker.exists()
+    with pytest.raises(Exception):
+        torch.load(planted, weights_only=True)
+    assert not marker.exists()
+    torch.load(planted, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
 
 
 def test_sigterm_on_one_rank_saves_at_agreed_step(pair):
