@@ -1,4 +1,4 @@
-"""Shared fixtures: the real sample CT, and a scratch directory per session.
+"""Shared fixtures: the real sample CT, one local Ray cluster, and moto's S3 server on loopback.
 
 The sample CT comes from ``MIM_SCALE_SAMPLE_DATA`` (CI points it at the shared copy), else from the
 project's own ``mim-scale sample-data`` fetch into a cache folder.
@@ -32,3 +32,43 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3-compatible server on a loopback port; yields the boto3 environment for it."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from mim_scale.engine.local import free_port
+
+    port = free_port()
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(timeout=10)
