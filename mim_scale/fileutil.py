@@ -25,3 +25,12 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory, so that renames and new entries in it survive a power loss (call after os.replace)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mim_scale.errors import UserFacingError
-from mim_scale.fileutil import sha256_file
+from mim_scale.fileutil import fsync_dir, sha256_file
 from mim_scale.shards import dicom, metrics
 from mim_scale.shards.format import (
     AXIS_ORDER, CODECS, DTYPE, FORMAT_NAME, FORMAT_VERSION, HU_MAX, HU_MIN, MANIFEST_NAME, manifest_bytes,
@@ -112,6 +112,10 @@ class BuildConfig(WorkerSettings):
             raise UserFacingError("gzip_level must be 0..9")
         if self.min_slices < 2:
             raise UserFacingError("min_slices must be >= 2")
+        try:
+            self.limits()
+        except ValueError as exc:
+            raise UserFacingError(f"--worker-memory: {exc}") from exc
 
     def worker_settings(self) -> WorkerSettings:
         """The per-volume part alone (what travels to each worker task)."""
@@ -127,9 +131,7 @@ def _load_salt(private_dir: Path) -> bytes:
     if path.exists():
         return bytes.fromhex(path.read_text().strip())
     salt = secrets.token_bytes(32)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(salt.hex() + "\n")
-    os.replace(tmp, path)
+    _write_atomic(path, (salt.hex() + "\n").encode())
     return salt
 
 
@@ -330,6 +332,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)  # the rename itself survives a power loss
 
 
 def _jsonl(records: list[dict]) -> bytes:
@@ -338,41 +341,87 @@ def _jsonl(records: list[dict]) -> bytes:
 
 def _result_record(r: ItemResult, reason: str | None, detail: str) -> dict[str, Any]:
     return {"index": r.index, "key": r.key, "dataset": r.dataset, "source": r.source, "reason": reason,
-            "detail": detail, "content_sha256": r.content_sha256, "raw_bytes": r.raw_bytes, "voxels": r.voxels}
+            "detail": detail, "content_sha256": r.content_sha256, "raw_bytes": r.raw_bytes, "voxels": r.voxels,
+            "face_bearing": r.face_bearing}
 
 
-def _load_journal(path: Path, fingerprint: str, out: Path) -> tuple[list[ShardInfo], list[dict], int]:
-    """Valid prefix of the journal: (completed shards, per-item records, next plan index)."""
-    if not path.exists():
-        return [], [], 0
-    shards: list[ShardInfo] = []
-    records: list[dict] = []
-    next_item = 0
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines:
-        return [], [], 0
+@dataclass
+class JournalState:
+    """The valid prefix of a build journal. ``valid_bytes``: its length in bytes (0: no usable plan line);
+    everything after it (a line torn by a kill, records after a shard that no longer matches) is dropped."""
+
+    shards: list[ShardInfo]
+    records: list[dict]
+    next_item: int
+    valid_bytes: int
+
+
+def _journal_record(line: bytes, shards: list[ShardInfo], out: Path) -> dict | None:
+    """One complete journal line -> its record, or None when it is not valid JSON of the expected form or its
+    shard is not on disk with the recorded size and sha256."""
     try:
-        head = json.loads(lines[0])
-    except json.JSONDecodeError:
-        return [], [], 0
-    if head.get("plan") != fingerprint:
-        log.info("inputs or config changed since the last build: rebuilding from scratch")
-        return [], [], 0
-    for line in lines[1:]:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut by a kill: everything before it stands
-        shard = rec.get("shard")
+        rec = json.loads(line)
+        items, next_item, shard = rec["items"], int(rec["next_item"]), rec.get("shard")
+        if not isinstance(items, list):
+            return None
         if shard is not None:
             info = ShardInfo(**shard)
             p = out / info.url
-            if info.index != len(shards) or not p.is_file() or p.stat().st_size != info.bytes or sha256_file(p) != info.sha256:
-                break
-            shards.append(info)
-        records.extend(rec["items"])
-        next_item = rec["next_item"]
-    return shards, records, next_item
+            if (info.index != len(shards) or Path(info.url).name != info.url or not p.is_file()
+                    or p.stat().st_size != info.bytes or sha256_file(p) != info.sha256):
+                return None
+            rec["shard"] = info
+        rec["next_item"] = next_item
+        return rec
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _load_journal(path: Path, fingerprint: str, out: Path) -> JournalState:
+    """Valid prefix of the journal: read to the last complete line whose record holds, never past it."""
+    state = JournalState([], [], 0, 0)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return state
+    end = data.find(b"\n")
+    try:
+        head = json.loads(data[:end]) if end >= 0 else None
+    except ValueError:
+        head = None
+    if not isinstance(head, dict) or head.get("plan") != fingerprint:
+        if head is not None:
+            log.info("inputs or config changed since the last build: rebuilding from scratch")
+        return state
+    state.valid_bytes = pos = end + 1
+    while True:
+        end = data.find(b"\n", pos)
+        if end < 0:
+            break  # no more complete lines (a torn last line has no newline)
+        rec = _journal_record(data[pos:end], state.shards, out)
+        if rec is None:
+            break
+        if rec["shard"] is not None:
+            state.shards.append(rec["shard"])
+        state.records.extend(rec["items"])
+        state.next_item = rec["next_item"]
+        state.valid_bytes = pos = end + 1
+    return state
+
+
+def _open_journal(path: Path, fingerprint: str, state: JournalState) -> "Any":
+    """Open the journal for appending: cut it back to its valid prefix first (so new records follow the last
+    good line instead of a torn one, where no later read would see them), or start it anew with the plan line."""
+    if state.valid_bytes == 0:
+        _write_atomic(path, (json.dumps({"plan": fingerprint}) + "\n").encode())
+    elif path.stat().st_size != state.valid_bytes:
+        log.info("journal: dropping %d byte(s) after the last valid record (a build was killed mid-write)",
+                 path.stat().st_size - state.valid_bytes)
+        with open(path, "r+b") as f:
+            f.truncate(state.valid_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+    return open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by the caller
 
 
 def build_shards(
@@ -452,10 +501,8 @@ def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, e
     items, discovery_rejects = plan_inputs(specs, salt, pool)
     fingerprint = _plan_fingerprint(cfg, items, excl)
     journal_path = private / "journal.jsonl"
-    shards, records, start = _load_journal(journal_path, fingerprint, out)
-    if start == 0:
-        shards, records = [], []
-        journal_path.write_text(json.dumps({"plan": fingerprint}) + "\n")
+    state = _load_journal(journal_path, fingerprint, out)
+    shards, records, start = state.shards, state.records, state.next_item
     if start < len(items) or not (out / MANIFEST_NAME).exists():
         # the old manifest would describe shards that are about to change: nothing may look complete
         (out / MANIFEST_NAME).unlink(missing_ok=True)
@@ -476,7 +523,7 @@ def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, e
     rejected_now = 0
     peak_rss = 0
     worker_seconds = 0.0
-    journal = open(journal_path, "a", encoding="utf-8")
+    journal = _open_journal(journal_path, fingerprint, state)
 
     def checkpoint(next_item: int, shard: ShardInfo | None) -> None:
         rec = {"next_item": next_item, "items": pending, "shard": dataclasses.asdict(shard) if shard else None}
@@ -497,6 +544,7 @@ def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, e
         metrics.BYTES_WRITTEN.inc(info.bytes)
         shards.append(info)
         current = None
+        fsync_dir(out)  # the shard's rename is durable before the journal says it is done
         checkpoint(next_item, info)
 
     def results() -> Iterator[ItemResult]:
@@ -581,7 +629,8 @@ def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, e
     try:
         _write_atomic(private / "rejects.jsonl", _jsonl(all_rejects))
         _write_atomic(private / "linkage.jsonl", _jsonl([
-            {"key": r["key"], "source": r["source"], "dataset": r["dataset"], "content_sha256": r["content_sha256"]}
+            {"key": r["key"], "source": r["source"], "dataset": r["dataset"], "content_sha256": r["content_sha256"],
+             "face_bearing": r.get("face_bearing", "")}
             for r in built
         ]))
         _write_atomic(out / "build_report.json", (json.dumps(public_report, indent=1, sort_keys=True) + "\n").encode())
@@ -601,6 +650,10 @@ def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, e
     log.info("built %d volume(s) into %d shard(s); %d input(s) rejected (%s); details in %s",
              report.num_samples, report.num_shards, len(all_rejects),
              ", ".join(f"{k}={v}" for k, v in reasons.items()) or "none", "rejects.jsonl of the private dir")
+    faces = sum(1 for r in built if r.get("face_bearing"))
+    if faces:
+        log.warning("%d built volume(s) may show a face (head CT): face_bearing in linkage.jsonl of the private dir; "
+                    "the builder does not deface", faces)
     return report
 
 

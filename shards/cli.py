@@ -31,6 +31,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--address", default=None, help="address of an existing Ray cluster")
     b.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--worker-memory", type=_size, default=None, metavar="SIZE",
+                   help="resident memory one build worker may use, e.g. 4G (default); every declared, inflated and "
+                        "resampled size is checked against it before allocation (too_large otherwise)")
+    b.add_argument("--allow-non-ct-sop-class", action="store_true",
+                   help="build images of other SOP classes whose Modality is CT (secondary capture, ...); default: "
+                        "only CT Image Storage and Enhanced CT Image Storage")
+    b.add_argument("--allow-burned-in-annotation", action="store_true",
+                   help="build series with BurnedInAnnotation YES (identifying text may be in the pixels)")
+    b.add_argument("--allow-derived", action="store_true",
+                   help="build ImageType DERIVED or SECONDARY images (reformats, computed maps)")
     b.set_defaults(func=_build)
 
     v = sub.add_parser("verify", help="re-read every shard, check sha256, decode every sample")
@@ -82,14 +92,19 @@ def _triple(text: str, cast: type) -> tuple:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from mim_scale.shards.builder import build_shards
+    from mim_scale.shards.builder import BuildConfig, build_shards
+    from mim_scale.shards.limits import DEFAULT_WORKER_MEMORY_BYTES
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = BuildConfig(
+        spacing=args.spacing, target_shard_bytes=args.target_shard_bytes, codec=args.codec, crop_body=args.crop_body,
+        worker_memory_bytes=args.worker_memory or DEFAULT_WORKER_MEMORY_BYTES,
+        allow_non_ct_sop_class=args.allow_non_ct_sop_class, allow_burned_in_annotation=args.allow_burned_in_annotation,
+        allow_derived=args.allow_derived,
+    )
     rep = build_shards(
-        args.inputs, args.out, spacing=args.spacing, target_shard_bytes=args.target_shard_bytes,
-        private_dir=args.private_dir, workers=args.workers, address=args.address, codec=args.codec,
-        crop_body=args.crop_body, exclude=args.exclude, progress=not args.no_progress, metrics_port=args.metrics_port,
-        dataset=args.dataset,
+        args.inputs, args.out, config=config, private_dir=args.private_dir, workers=args.workers, address=args.address,
+        exclude=args.exclude, progress=not args.no_progress, metrics_port=args.metrics_port, dataset=args.dataset,
     )
     print(f"{rep.num_samples} volume(s) in {rep.num_shards} shard(s) -> {rep.manifest_path}")
     print(f"rejected: {sum(rep.rejected.values())} {json.dumps(rep.rejected, sort_keys=True)} (details: {rep.private_dir}/rejects.jsonl)")

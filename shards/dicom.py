@@ -18,17 +18,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import zlib
+from typing import BinaryIO
+
 import numpy as np
 import pydicom
 import pydicom.config
+import pydicom.filebase
+import pydicom.filereader
 from pydicom.errors import InvalidDicomError
 
 from mim_scale.shards import fileio
 from mim_scale.shards.geometry import Volume
+from mim_scale.shards.limits import MemoryLimits, format_bytes
 from mim_scale.shards.rejects import InputRejected
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+CT_SOP_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)
+DEFLATED = pydicom.uid.DeflatedExplicitVRLittleEndian
+_PIXEL_TAGS = {0x7FE00010, 0x7FE00009, 0x7FE00008}
+_INFLATE_CHUNK = 1 << 16
+# BodyPartExamined values and description words of scans that include the face (flagged in the private
+# linkage report: a volume rendering of a head CT can be recognised; defacing is out of scope here)
+_FACE_BODY_PARTS = {"HEAD", "BRAIN", "SKULL", "FACE", "HEADNECK", "HEAD_NECK", "SINUS", "ORBIT", "IAC", "TMJ", "JAW",
+                    "MAXILLA", "MANDIBLE", "NOSE", "EAR", "WHOLEBODY", "WHOLE_BODY"}
+_FACE_WORDS = ("HEAD", "BRAIN", "SKULL", "FACE", "FACIAL", "SINUS", "ORBIT", "CRANI", "NEURO", "DENTAL", "MAXILL",
+               "MANDIB", "WHOLE BODY", "WHOLEBODY")
 _LOCALIZER_WORDS = {"LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW", "SCANOGRAM"}
 MAX_SPACING_MM = 30.0
 
@@ -65,18 +81,87 @@ def quiet_pydicom() -> Iterator[None]:
         pydicom.config.settings.reading_validation_mode = mode
 
 
-def _read(path: str, stop_before_pixels: bool) -> pydicom.Dataset:
-    """Read one DICOM file through fileio (so failures can be injected), mapping errors to reasons."""
+def inflate_capped(f: BinaryIO, cap: int) -> tuple[bytes, bool, bool]:
+    """Inflate the raw deflate stream read from ``f`` up to ``cap`` bytes, never more.
+
+    -> (inflated bytes, at most ``cap``; whether the output would exceed ``cap``; whether the stream ended).
+    pydicom inflates a Deflated-transfer-syntax file whole, in one call, before it parses anything: a 2 MB
+    file can hold 2 GiB of zeros, so every deflated file is inflated here instead, in bounded steps.
+    """
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    parts: list[bytes] = []
+    total = 0
+    while not d.eof:
+        chunk = d.unconsumed_tail or f.read(_INFLATE_CHUNK)
+        if not chunk:
+            break
+        # at most one byte over the cap: enough to know the cap was exceeded
+        part = d.decompress(chunk, cap + 1 - total)
+        total += len(part)
+        parts.append(part)
+        if total > cap:
+            return b"".join(parts)[:cap], True, False
+    return b"".join(parts), False, d.eof
+
+
+def _read_deflated(f: BinaryIO, path: str, stop_before_pixels: bool, cap: int, defer: str | None) -> pydicom.Dataset:
+    """Parse a Deflated Explicit VR Little Endian file whose preamble and file meta ``f`` has just read,
+    inflating at most ``cap`` bytes (a header read needs the bytes up to the pixel data only)."""
+    data, over, ended = inflate_capped(f, cap)
+    if over and not stop_before_pixels:
+        raise InputRejected("too_large", f"Deflated data inflates beyond {format_bytes(cap)} (header cap + declared "
+                                         "pixel data): refused before it is read", path)
+    if not over and not ended and not stop_before_pixels:
+        raise InputRejected("truncated", "the deflate stream ends early", path)
+    reached_pixels = []
+
+    def at_pixels(tag: Any, vr: Any, length: int) -> bool:
+        if int(tag) in _PIXEL_TAGS:
+            reached_pixels.append(True)
+            return True
+        return False
+
+    buf = pydicom.filebase.DicomBytesIO(data)
+    del data
+    inner = pydicom.filereader.read_dataset(buf, False, True, stop_when=at_pixels if stop_before_pixels else None,
+                                            defer_size=defer)
+    if over and not reached_pixels:
+        raise InputRejected("too_large", f"DICOM header inflates beyond {format_bytes(cap)} before its pixel data", path)
+    return inner
+
+
+def _read(path: str, stop_before_pixels: bool, limits: MemoryLimits | None = None,
+          max_inflated_bytes: int | None = None) -> pydicom.Dataset:
+    """Read one DICOM file through fileio (so failures can be injected), mapping errors to reasons.
+
+    A header read (``stop_before_pixels``) inflates a Deflated file at most ``limits.header_bytes``; a full
+    read at most ``max_inflated_bytes`` (from the declared pixel size, see ``read_headers``), and a full read
+    of any file larger than that on disk is refused before it is read.
+    """
+    limits = limits or MemoryLimits()
+    cap = limits.header_bytes if stop_before_pixels else (max_inflated_bytes or limits.budget_bytes)
     try:
         size = os.path.getsize(path)
     except OSError as exc:
         raise InputRejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}", path) from exc
     if size == 0:
         raise InputRejected("empty_file", "0 bytes", path)
+    if not stop_before_pixels and size > cap:
+        raise InputRejected("too_large", f"{format_bytes(size)} on disk, more than the {format_bytes(cap)} its header "
+                                         "declares (header cap + pixel data)", path)
     try:
         with fileio.open_input(path) as f, quiet_pydicom():
             defer = None if not stop_before_pixels else "4 KB"
             try:
+                # the file meta first: a Deflated file must not reach pydicom's whole-file inflate
+                preamble = pydicom.filereader.read_preamble(f, False)
+                meta = pydicom.filereader._read_file_meta_info(f)
+                if meta.get("TransferSyntaxUID") == DEFLATED:
+                    inner = _read_deflated(f, path, stop_before_pixels, cap, defer)
+                    ds = pydicom.dataset.FileDataset(path, inner, preamble, meta, False, True)
+                    ds.set_original_encoding(False, True, inner._character_set)
+                    return ds
+                f.seek(0)
                 ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, defer_size=defer)
             except InvalidDicomError:
                 # old exports omit the preamble and file meta: accept a stream that starts with a
@@ -102,6 +187,8 @@ def _read(path: str, stop_before_pixels: bool) -> pydicom.Dataset:
         raise InputRejected("not_dicom", str(exc)[:200], path) from exc
     except (EOFError, struct.error) as exc:
         raise InputRejected("truncated", f"{type(exc).__name__}: {exc}"[:200], path) from exc
+    except zlib.error as exc:
+        raise InputRejected("truncated", f"deflate stream: {exc}"[:200], path) from exc
     except OSError as exc:
         raise InputRejected("unreadable", f"{type(exc).__name__}: {exc}"[:200], path) from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input
@@ -179,6 +266,102 @@ def _discover(files: list[str], root: str | None) -> tuple[list[SeriesRef], list
     return out, rejects
 
 
+@dataclass(frozen=True)
+class Screening:
+    """Which images the build refuses by default (DICOM PS3.15 wants clean pixel data or exclusion): any SOP
+    class but CT Image Storage and Enhanced CT Image Storage, BurnedInAnnotation YES, ImageType DERIVED or
+    SECONDARY. Each ``allow_*`` lets that kind through (CLI ``--allow-...``); an absent BurnedInAnnotation
+    is normal (most CT omits it) and builds."""
+
+    allow_non_ct_sop_class: bool = False
+    allow_burned_in_annotation: bool = False
+    allow_derived: bool = False
+
+
+def _values(ds: pydicom.Dataset, kw: str) -> list[str]:
+    value = ds.get(kw, None)
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes)):
+        value = [value]
+    return [str(v).strip().upper() for v in value]
+
+
+def screen(ds: pydicom.Dataset, path: str, screening: Screening) -> None:
+    """Raise InputRejected when the header of one image file fails ``screening`` (the detail names the option)."""
+    sop = _sop_class(ds)
+    if sop not in CT_SOP_CLASSES and not screening.allow_non_ct_sop_class:
+        name = pydicom.uid.UID(sop).name if sop else "missing"
+        raise InputRejected("non_ct_sop_class", f"SOP class {sop or '-'} ({name}); allow with --allow-non-ct-sop-class", path)
+    burned = _values(ds, "BurnedInAnnotation")
+    if burned[:1] == ["YES"] and not screening.allow_burned_in_annotation:
+        raise InputRejected("burned_in_annotation", "BurnedInAnnotation is YES; allow with --allow-burned-in-annotation", path)
+    image_type = _values(ds, "ImageType")
+    if not screening.allow_derived and (image_type[:1] == ["DERIVED"] or image_type[1:2] == ["SECONDARY"]):
+        raise InputRejected("derived_image", f"ImageType {'/'.join(image_type[:2])}; allow with --allow-derived", path)
+
+
+def face_bearing(ds: pydicom.Dataset) -> str:
+    """Why the scan of this header may show a face ('' when nothing says so): body part, descriptions,
+    RecognizableVisualFeatures. Goes to the private linkage report only (it quotes header values)."""
+    if _values(ds, "RecognizableVisualFeatures")[:1] == ["YES"]:
+        return "RecognizableVisualFeatures YES"
+    part = (_values(ds, "BodyPartExamined") or [""])[0].replace(" ", "")
+    if part in _FACE_BODY_PARTS:
+        return f"BodyPartExamined {part}"
+    for kw in ("StudyDescription", "SeriesDescription", "ProtocolName"):
+        text = " ".join(_values(ds, kw))
+        word = next((w for w in _FACE_WORDS if w in text), None)
+        if word:
+            return f"{kw} mentions {word}"
+    return ""
+
+
+@dataclass
+class SeriesHeaders:
+    """What every file of a series declares, read before any pixel is decoded. ``pixel_bytes`` per file
+    (rows x columns x frames x samples x bytes per sample); ``face_bearing``: the first reason found."""
+
+    voxels: int = 0
+    stored_itemsize: int = 1
+    pixel_bytes: dict[str, int] = field(default_factory=dict)
+    dims: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # path -> (rows, columns, frames)
+    face_bearing: str = ""
+
+
+def read_headers(files: list[str], limits: MemoryLimits | None = None, screening: Screening | None = None,
+                 source: str | None = None) -> SeriesHeaders:
+    """Header of every file -> declared sizes; screens each file (when ``screening`` is given) and checks the
+    memory the whole series needs against ``limits`` before anything is decoded (a tiny file may declare a
+    huge image, and not only the first file may)."""
+    limits = limits or MemoryLimits()
+    source = source or (os.path.commonpath(files) if len(files) > 1 else files[0])
+    out = SeriesHeaders()
+    with quiet_pydicom():
+        for path in files:
+            ds = _read(path, stop_before_pixels=True, limits=limits)
+            if screening is not None:
+                screen(ds, path, screening)
+            rows, cols = _int(ds.get("Rows", 0), 0), _int(ds.get("Columns", 0), 0)
+            frames = max(_int(ds.get("NumberOfFrames", 1), 1), 1)
+            samples = max(_int(ds.get("SamplesPerPixel", 1), 1), 1)
+            bits = _int(ds.get("BitsAllocated", 16), 16)
+            if rows < 1 or cols < 1 or not 1 <= bits <= 64:
+                raise InputRejected("pixel_decode_failed", f"Rows {rows}, Columns {cols}, BitsAllocated {bits}", path)
+            itemsize = (bits + 7) // 8
+            out.pixel_bytes[path] = rows * cols * frames * samples * itemsize
+            out.dims[path] = (rows, cols, frames)
+            out.voxels += rows * cols * frames
+            out.stored_itemsize = max(out.stored_itemsize, itemsize * samples)
+            limits.check_bytes(out.pixel_bytes[path], f"pixel data of {rows}x{cols}x{frames}x{samples}", path)
+            if not out.face_bearing:
+                out.face_bearing = face_bearing(ds)
+    # a multi-frame file holds its encoded bytes, the PixelData value and the decoded frames at once
+    copies = 3 if len(files) == 1 and out.dims[files[0]][2] > 1 else 1
+    limits.check_source((out.voxels,), out.stored_itemsize * copies, source)
+    return out
+
+
 def _int(value: Any, default: int) -> int:
     try:
         return int(value)
@@ -245,16 +428,29 @@ def _pixels(ds: pydicom.Dataset, source: str) -> np.ndarray:
         raise InputRejected("pixel_decode_failed", f"{type(exc).__name__}: {exc}"[:300], source) from exc
 
 
-def _classic_slices(files: list[str]) -> list[_Slice]:
+def _full_read(path: str, headers: SeriesHeaders, limits: MemoryLimits) -> pydicom.Dataset:
+    return _read(path, stop_before_pixels=False, limits=limits,
+                 max_inflated_bytes=limits.max_inflated_bytes(headers.pixel_bytes[path]))
+
+
+def _check_decoded(pix: np.ndarray, declared: tuple[int, int, int], path: str) -> None:
+    """The decoder's array must have the declared size (a codestream may say otherwise than Rows/Columns)."""
+    rows, cols, frames = declared
+    if pix.shape[-2:] != (rows, cols) or (pix.ndim == 3 and pix.shape[0] != frames):
+        raise InputRejected("pixel_decode_failed", f"decoded {pix.shape}, header declares {frames}x{rows}x{cols}", path)
+
+
+def _classic_slices(files: list[str], headers: SeriesHeaders, limits: MemoryLimits) -> list[_Slice]:
     slices = []
     for path in files:
-        ds = _read(path, stop_before_pixels=False)
+        ds = _full_read(path, headers, limits)
         for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if kw not in ds or ds[kw].value in (None, ""):
                 raise InputRejected("missing_geometry", f"no {kw}", path)
         pix = _pixels(ds, path)
         if pix.ndim != 2:
             raise InputRejected("not_3d", f"pixel array of shape {pix.shape} in a single-frame series", path)
+        _check_decoded(pix, headers.dims[path], path)
         slices.append(_Slice(
             ipp=_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", path),
             iop=_floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", path),
@@ -274,8 +470,8 @@ def _first(seq_owner: Any, seq: str, kw: str) -> Any:
     return item[kw].value if kw in item else None
 
 
-def _enhanced_slices(path: str) -> list[_Slice]:
-    ds = _read(path, stop_before_pixels=False)
+def _enhanced_slices(path: str, headers: SeriesHeaders, limits: MemoryLimits) -> list[_Slice]:
+    ds = _full_read(path, headers, limits)
     shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", None)
     n = _int(ds.get("NumberOfFrames", 1), 1)
@@ -286,6 +482,7 @@ def _enhanced_slices(path: str) -> list[_Slice]:
         pix = pix[None]
     if pix.shape[0] != n:
         raise InputRejected("pixel_decode_failed", f"{pix.shape[0]} frames decoded, {n} declared", path)
+    _check_decoded(pix, headers.dims[path], path)
     out = []
     for i, frame in enumerate(per_frame):
         def get(seq: str, kw: str) -> Any:
@@ -374,33 +571,36 @@ def assemble(slices: list[_Slice], tol: StackTolerances, source: str) -> Volume:
 
 
 def load_series(
-    files: list[str], tol: StackTolerances | None = None, multiframe: bool | None = None, max_voxels: int = 1 << 30
+    files: list[str], tol: StackTolerances | None = None, multiframe: bool | None = None,
+    limits: MemoryLimits | None = None, screening: Screening | None = None, headers: SeriesHeaders | None = None,
 ) -> Volume:
     """Read and assemble one series (all files of one SeriesInstanceUID) -> float32 HU Volume.
 
-    The volume is in scanner order; pass it through ``geometry.canonicalize`` for the stored orientation.
-    Raises InputRejected with a named reason.
+    Every file's header is read, screened (when ``screening`` is given: the builder always passes its own)
+    and checked against ``limits`` before any pixel is decoded (``read_headers``; pass its result as
+    ``headers`` when already read). The volume is in scanner order; pass it through
+    ``geometry.canonicalize`` for the stored orientation. Raises InputRejected with a named reason.
     """
-    with quiet_pydicom():
-        return _load_series(files, tol or StackTolerances(), multiframe, max_voxels)
-
-
-def _load_series(files: list[str], tol: StackTolerances, multiframe: bool | None, max_voxels: int) -> Volume:
+    limits = limits or MemoryLimits()
     source = os.path.commonpath(files) if len(files) > 1 else files[0]
-    # declared size first: a tiny file may declare a huge image
-    ds = _read(files[0], stop_before_pixels=True)
-    frames = _int(ds.get("NumberOfFrames", 1), 1)
-    declared = _int(ds.get("Rows", 0), 0) * _int(ds.get("Columns", 0), 0) * max(frames, 1) * len(files)
-    if declared > max_voxels:
-        raise InputRejected("too_large", f"{declared} voxels declared, limit {max_voxels}", source)
+    if headers is None:
+        headers = read_headers(files, limits, screening, source)
+    with quiet_pydicom():
+        return _load_series(files, tol or StackTolerances(), multiframe, limits, headers, source)
+
+
+def _load_series(files: list[str], tol: StackTolerances, multiframe: bool | None, limits: MemoryLimits,
+                 headers: SeriesHeaders, source: str) -> Volume:
     if multiframe is None:
+        ds = _read(files[0], stop_before_pixels=True, limits=limits)
+        frames = _int(ds.get("NumberOfFrames", 1), 1)
         multiframe = len(files) == 1 and (frames > 1 or _sop_class(ds) == ENHANCED_CT_IMAGE_STORAGE)
     if multiframe:
         if len(files) != 1:
             raise InputRejected("enhanced_multiframe_unsupported", f"{len(files)} multi-frame files in one series", source)
-        slices = _enhanced_slices(files[0])
+        slices = _enhanced_slices(files[0], headers, limits)
     else:
-        slices = _classic_slices(files)
+        slices = _classic_slices(files, headers, limits)
     return assemble(slices, tol, source)
 
 

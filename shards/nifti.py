@@ -1,15 +1,23 @@
 """NIfTI (.nii, .nii.gz) volumes -> float32 HU :class:`Volume` in ITK order (not yet canonical).
 
-The NIfTI affine maps (i, j, k) to RAS; the volume is converted to LPS and to array order (k, j, i).
-Values are taken as stored after the header's scl_slope/scl_inter (NIfTI CT is stored in HU).
+The header is checked field by field before any voxel is read (``check_header``): magic, dims and data
+type, the memory the data needs (``limits``), ``vox_offset``, voxel sizes, the qform/sform codes and
+their affines (finite, non-degenerate, unsheared, agreeing with each other and with pixdim), units and
+scaling. Then only the declared bytes are read (a gzip stream is inflated no further) and the voxels
+are taken straight from them: the file's (i, j, k) Fortran order is the (k, j, i) C order of our
+arrays. The NIfTI affine maps (i, j, k) to RAS; the volume is converted to LPS. Values are taken as
+stored after scl_slope/scl_inter (NIfTI CT is stored in HU; slope 0 or NaN means unscaled).
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import warnings
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +25,21 @@ import numpy as np
 from mim_scale.shards import fileio
 from mim_scale.shards.dicom import MAX_SPACING_MM
 from mim_scale.shards.geometry import Volume
+from mim_scale.shards.limits import MemoryLimits
 from mim_scale.shards.rejects import InputRejected
+
+MIN_SPACING_MM = 1e-4
+# qform and sform must describe the same grid: direction cosines, voxel sizes (relative) and origin (mm)
+_XFORM_DIRECTION_ATOL = 1e-3
+_XFORM_SPACING_RTOL = 1e-3
+_XFORM_ORIGIN_ATOL_MM = 0.1
+# pixdim against the column norms of the affine used (writers round pixdim and the sform separately)
+_PIXDIM_RTOL = 1e-2
+_SHEAR_ATOL = 1e-3
+# NIFTI_XFORM_UNKNOWN .. NIFTI_XFORM_TEMPLATE_OTHER
+_XFORM_CODES = range(0, 6)
+# spatial unit code (xyzt_units & 7) -> mm per unit; 0 = unknown, read as mm (as every CT converter writes)
+_MM_PER_UNIT = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 1e-3}
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -25,8 +47,142 @@ def is_nifti(path: str | Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
-def load_nifti(path: str, max_voxels: int) -> Volume:
-    """Read one NIfTI file; raises InputRejected with a named reason on bad input."""
+@dataclass(frozen=True)
+class NiftiLayout:
+    """What a checked header says about the data. shape_ijk: (I, J, K) voxels; dtype: stored samples
+    (with the file's byte order); offset: bytes before the data; slope/inter: None when unscaled;
+    affine_ras: 4x4 in mm."""
+
+    shape_ijk: tuple[int, int, int]
+    dtype: np.dtype
+    offset: int
+    slope: float | None
+    inter: float | None
+    affine_ras: np.ndarray
+
+
+def _bad(field: str, detail: str, path: str, reason: str = "invalid_header") -> InputRejected:
+    return InputRejected(reason, f"{field}: {detail}", path)
+
+
+def _xform_parts(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4x4 -> (column norms = voxel sizes, unit direction columns, origin)."""
+    m = affine[:3, :3].astype(np.float64)
+    spacing = np.linalg.norm(m, axis=0)
+    return spacing, m / np.where(spacing > 0, spacing, 1.0), affine[:3, 3].astype(np.float64)
+
+
+def _check_affine(affine: np.ndarray, which: str, path: str) -> None:
+    if not np.all(np.isfinite(affine)):
+        raise _bad(which, "not finite", path, "sheared_affine")
+    spacing, direction, _ = _xform_parts(affine)
+    if not np.all(spacing > MIN_SPACING_MM) or np.any(spacing > MAX_SPACING_MM):
+        raise _bad(which, f"voxel sizes {spacing.round(4).tolist()} mm", path, "absurd_spacing")
+    if abs(np.linalg.det(direction)) < 0.5 or np.max(np.abs(direction.T @ direction - np.eye(3))) > _SHEAR_ATOL:
+        raise _bad(which, "columns are not orthogonal (shear, tilt or a singular matrix)", path, "sheared_affine")
+
+
+def check_header(header: nib.Nifti1Header, path: str, limits: MemoryLimits, file_size: int | None = None) -> NiftiLayout:
+    """Validate a NIfTI-1/2 header field by field -> :class:`NiftiLayout`; raises InputRejected naming the field.
+
+    Order: the container (magic, dim, datatype) -> size (memory caps, before anything is allocated) ->
+    vox_offset -> geometry (pixdim, codes, quaternion, affines, units) -> scaling.
+    """
+    nifti2 = isinstance(header, nib.Nifti2Header)
+    magic = bytes(header["magic"]).rstrip(b"\0")
+    if magic != (b"n+2" if nifti2 else b"n+1"):
+        raise _bad("magic", f"{magic!r} (a single-file NIfTI says 'n+1' / 'n+2'; .hdr/.img pairs are not read)", path)
+    dim = [int(v) for v in header["dim"]]
+    if not 1 <= dim[0] <= 7:
+        raise _bad("dim[0]", f"{dim[0]} (must be 1..7)", path)
+    shape = dim[1:dim[0] + 1]
+    if any(n < 1 for n in shape):
+        raise _bad("dim", f"{shape} (every dimension must be >= 1)", path)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3 or min(shape) < 2:
+        raise InputRejected("not_3d", f"data shape {tuple(shape)}", path)
+    try:
+        dtype = header.get_data_dtype()
+    except Exception as exc:  # noqa: BLE001 - nibabel raises several types for unknown codes
+        raise _bad("datatype", f"code {int(header['datatype'])} is unknown ({type(exc).__name__})", path) from exc
+    if dtype.kind not in "iuf" or dtype.itemsize > 8:
+        raise _bad("datatype", f"{dtype} (code {int(header['datatype'])}) is not a real scalar type", path)
+    if int(header["bitpix"]) != 8 * dtype.itemsize:
+        raise _bad("bitpix", f"{int(header['bitpix'])} for a {dtype.itemsize}-byte {dtype}", path)
+    limits.check_source(tuple(shape), dtype.itemsize, path)
+    offset_f = float(header["vox_offset"])
+    min_offset = int(header["sizeof_hdr"]) + 4
+    if not math.isfinite(offset_f) or offset_f != int(offset_f) or not min_offset <= offset_f <= limits.header_bytes:
+        raise _bad("vox_offset", f"{offset_f} (must be an integer from {min_offset} to {limits.header_bytes})", path)
+    offset = int(offset_f)
+    data_bytes = math.prod(shape) * dtype.itemsize
+    if file_size is not None and offset + data_bytes > file_size:
+        raise InputRejected("truncated", f"{file_size} bytes, header declares {offset + data_bytes}", path)
+
+    pixdim = np.asarray(header["pixdim"][:4], dtype=np.float64)
+    if not np.all(np.isfinite(pixdim[1:4])) or not np.all(pixdim[1:4] > 0):
+        raise _bad("pixdim[1:4]", f"voxel sizes {pixdim[1:4].tolist()} must be finite and positive", path, "absurd_spacing")
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    if qcode not in _XFORM_CODES or scode not in _XFORM_CODES:
+        raise _bad("qform_code/sform_code", f"{qcode}/{scode} (must be 0..5)", path, "missing_orientation")
+    if qcode == 0 and scode == 0:
+        raise _bad("qform_code/sform_code", "both 0: the header gives no patient orientation", path, "missing_orientation")
+    qform = sform = None
+    if qcode > 0:
+        if pixdim[0] not in (-1.0, 0.0, 1.0):
+            raise _bad("pixdim[0]", f"qfac {pixdim[0]} (must be -1 or 1)", path)
+        quat = np.asarray([header["quatern_b"], header["quatern_c"], header["quatern_d"]], dtype=np.float64)
+        offs = np.asarray([header["qoffset_x"], header["qoffset_y"], header["qoffset_z"]], dtype=np.float64)
+        if not np.all(np.isfinite(quat)) or not np.all(np.isfinite(offs)) or float(quat @ quat) > 1.0 + 1e-5:
+            raise _bad("quatern_b/c/d, qoffset", f"{quat.tolist()} / {offs.tolist()} is not a rotation and offset", path)
+        qform = header.get_qform()
+        _check_affine(qform, "qform", path)
+    if scode > 0:
+        sform = header.get_sform()
+        _check_affine(sform, "sform", path)
+    if qform is not None and sform is not None:
+        (qs, qd, qo), (ss, sd, so) = _xform_parts(qform), _xform_parts(sform)
+        if (np.max(np.abs(qd - sd)) > _XFORM_DIRECTION_ATOL or np.max(np.abs(qs - ss) / ss) > _XFORM_SPACING_RTOL
+                or np.max(np.abs(qo - so)) > _XFORM_ORIGIN_ATOL_MM):
+            raise _bad("qform/sform", "both are set and describe different grids", path, "inconsistent_geometry")
+    affine = sform if sform is not None else qform
+    assert affine is not None
+    spacing = _xform_parts(affine)[0]
+    if np.max(np.abs(pixdim[1:4] - spacing) / spacing) > _PIXDIM_RTOL:
+        raise _bad("pixdim[1:4]", f"{pixdim[1:4].round(4).tolist()} disagrees with the {'sform' if sform is not None else 'qform'}"
+                   f" voxel sizes {spacing.round(4).tolist()}", path, "inconsistent_geometry")
+    unit = int(header["xyzt_units"]) & 0x07
+    if unit not in _MM_PER_UNIT:
+        raise _bad("xyzt_units", f"spatial unit code {unit} is not meter, mm or micron", path)
+    if _MM_PER_UNIT[unit] != 1.0:
+        affine = affine.copy()
+        affine[:3, :] *= _MM_PER_UNIT[unit]
+        _check_affine(affine, f"affine in mm (unit code {unit})", path)
+    try:
+        slope, inter = header.get_slope_inter()
+    except Exception as exc:  # noqa: BLE001 - HeaderDataError for a valid slope with a non-finite intercept
+        raise _bad("scl_inter", f"{float(header['scl_inter'])} with scl_slope {float(header['scl_slope'])}", path) from exc
+    return NiftiLayout(tuple(shape), dtype, offset, slope, inter, affine)  # type: ignore[arg-type]
+
+
+def _read_exactly(stream: BinaryIO, n: int, path: str) -> bytearray:
+    """Read exactly ``n`` bytes into one preallocated buffer (no chunk list joined at the end)."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    pos = 0
+    while pos < n:
+        got = stream.readinto(view[pos:])  # type: ignore[attr-defined]
+        if not got:
+            raise InputRejected("truncated", f"{pos} of {n} declared bytes", path)
+        pos += got
+    return buf
+
+
+def load_nifti(path: str, limits: MemoryLimits | None = None) -> Volume:
+    """Read one NIfTI file -> float32 Volume, array (K, J, I) = (D, H, W) in LPS; raises InputRejected with a
+    named reason on bad input. ``limits`` bounds what is allocated (default: the default worker memory)."""
+    limits = limits or MemoryLimits()
     try:
         f = fileio.open_input(path)
     except PermissionError as exc:
@@ -37,8 +193,9 @@ def load_nifti(path: str, max_voxels: int) -> Volume:
         first = f.read(2)
         if not first:
             raise InputRejected("empty_file", "0 bytes", path)
+        gz = first == b"\x1f\x8b"
         f.seek(0)
-        stream = gzip.GzipFile(fileobj=f) if first == b"\x1f\x8b" else f
+        stream = gzip.GzipFile(fileobj=f) if gz else f
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -54,57 +211,44 @@ def load_nifti(path: str, max_voxels: int) -> Volume:
                     raise InputRejected("read_failed", "not a NIfTI-1/2 header (sizeof_hdr is not 348 or 540)", path)
         except InputRejected:
             raise
-        except (EOFError, gzip.BadGzipFile, OSError) as exc:
+        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
             raise InputRejected("truncated", f"{type(exc).__name__}: {exc}"[:200], path) from exc
         except Exception as exc:  # noqa: BLE001
             raise InputRejected("read_failed", f"not a NIfTI header: {type(exc).__name__}: {exc}"[:200], path) from exc
-        shape = tuple(int(s) for s in header.get_data_shape())
-        if len(shape) == 4 and shape[3] == 1:
-            shape = shape[:3]
-        if len(shape) != 3 or min(shape) < 2:
-            raise InputRejected("not_3d", f"data shape {header.get_data_shape()}", path)
-        if int(np.prod(shape, dtype=np.int64)) > max_voxels:
-            raise InputRejected("too_large", f"shape {shape} exceeds {max_voxels} voxels", path)
+        file_size = None if gz else _size(f)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layout = check_header(header, path, limits, file_size)
+        ni, nj, nk = layout.shape_ijk
+        count = ni * nj * nk
         f.seek(0)
-        stream = gzip.GzipFile(fileobj=f) if first == b"\x1f\x8b" else f
+        stream = gzip.GzipFile(fileobj=f) if gz else f
         try:
             # read only what the header declares: a gzip bomb after the data is never inflated
-            itemsize = np.dtype(header.get_data_dtype()).itemsize
-            needed = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) * itemsize
-            raw = stream.read(needed)
-            if len(raw) < needed:
-                raise InputRejected("truncated", f"{len(raw)} of {needed} declared bytes", path)
-            img = nib.Nifti1Image.from_bytes(raw) if isinstance(header, nib.Nifti1Header) else nib.Nifti2Image.from_bytes(raw)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                data = np.asanyarray(img.dataobj)
+            raw = _read_exactly(stream, layout.offset + count * layout.dtype.itemsize, path)
         except InputRejected:
             raise
-        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
             raise InputRejected("truncated", f"{type(exc).__name__}: {exc}"[:200], path) from exc
-        except Exception as exc:  # noqa: BLE001
-            msg = str(exc)
-            reason = "truncated" if "too short" in msg or "buffer" in msg or "EOF" in msg else "read_failed"
-            raise InputRejected(reason, f"{type(exc).__name__}: {msg}"[:200], path) from exc
-    data = data.reshape(shape)
-    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
-        raise InputRejected("read_failed", f"unsupported data type {data.dtype}", path)
-    data = data.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(data)):
-        raise InputRejected("non_finite_values", f"{int((~np.isfinite(data)).sum())} NaN/Inf voxels", path)
-    affine = img.affine
-    if affine is None or not np.all(np.isfinite(affine)):
-        raise InputRejected("sheared_affine", "affine is missing or not finite", path)
-    m = affine[:3, :3].astype(np.float64)
-    spacing = np.linalg.norm(m, axis=0)
-    if not np.all(spacing > 1e-4) or np.any(spacing > MAX_SPACING_MM):
-        raise InputRejected("absurd_spacing", f"voxel sizes {spacing.round(4).tolist()} mm", path)
-    direction = m / spacing
-    if np.max(np.abs(direction.T @ direction - np.eye(3))) > 1e-3:
-        raise InputRejected("sheared_affine", "affine columns are not orthogonal (shear or tilt)", path)
+    # i varies fastest in the file: the bytes are the C-order (k, j, i) array, ITK order, without a copy
+    stored = np.frombuffer(raw, dtype=layout.dtype, count=count, offset=layout.offset).reshape(nk, nj, ni)
+    arr = stored.astype(np.float32)
+    del stored, raw
+    if layout.slope is not None:
+        arr *= np.float32(layout.slope)
+        if layout.inter:
+            arr += np.float32(layout.inter)
     ras_to_lps = np.diag([-1.0, -1.0, 1.0])
-    direction = ras_to_lps @ direction
-    origin = ras_to_lps @ affine[:3, 3]
-    # nibabel array is (i, j, k); ITK array order is (k, j, i)
-    arr = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
-    return Volume(arr, tuple(spacing), tuple(origin), direction)
+    spacing, direction, origin = _xform_parts(layout.affine_ras)
+    return Volume(arr, tuple(spacing), tuple(ras_to_lps @ origin), ras_to_lps @ direction)
+
+
+def _size(f: BinaryIO) -> int | None:
+    try:
+        pos = f.tell()
+        end = f.seek(0, 2)
+        f.seek(pos)
+        return int(end)
+    except (OSError, AttributeError):
+        return None
+

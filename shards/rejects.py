@@ -18,6 +18,13 @@ REASONS: dict[str, str] = {
     "pixel_decode_failed": "pixel data could not be decoded (bad BitsAllocated, corrupt codec stream, ...)",
     "missing_geometry": "ImagePositionPatient / ImageOrientationPatient / PixelSpacing missing or malformed",
     "not_grayscale": "SamplesPerPixel is not 1",
+    # DICOM screening (PS3.15: clean pixel data or exclusion); each has a build option that allows it
+    "non_ct_sop_class": "SOP class is neither CT Image Storage nor Enhanced CT Image Storage (secondary capture, "
+                        "...): allow with --allow-non-ct-sop-class / allow_non_ct_sop_class",
+    "burned_in_annotation": "BurnedInAnnotation is YES (identifying text may be in the pixels): allow with "
+                            "--allow-burned-in-annotation / allow_burned_in_annotation",
+    "derived_image": "ImageType is DERIVED or SECONDARY (reformat, screen capture, computed map): allow with "
+                     "--allow-derived / allow_derived",
     # series level
     "non_ct_modality": "modality is not CT (MR, SEG, PT, ...): reported, not built",
     "localizer": "localizer / scout image",
@@ -31,9 +38,14 @@ REASONS: dict[str, str] = {
     "gantry_tilt": "slice positions do not follow the slice normal (tilted gantry)",
     "ambiguous_orientation": "array axes are near 45 degrees to the patient axes",
     "absurd_spacing": "voxel spacing is non-positive, non-finite or implausibly large",
-    "too_large": "declared dimensions exceed max_voxels",
+    "too_large": "declared, inflated or resampled size needs more memory than a builder worker may use "
+                 "(--worker-memory / worker_memory_bytes)",
     "too_small": "volume smaller than the minimum extent after resampling",
     "sheared_affine": "NIfTI affine is sheared / singular",
+    "invalid_header": "NIfTI header field out of range: dim, datatype/bitpix, vox_offset, qfac, quaternion, units "
+                      "or scaling (the field is named in the detail)",
+    "missing_orientation": "NIfTI qform_code and sform_code are both 0 (or out of range): no patient orientation",
+    "inconsistent_geometry": "NIfTI qform and sform disagree, or pixdim disagrees with the affine",
     "not_3d": "image is not a 3D volume (2D, or a 4D series with more than one frame)",
     "non_finite_values": "NaN or Inf voxels",
     "not_ct_intensity": "no voxel below -200 HU: not a CT in HU (a label map, MR, or normalised data)",
