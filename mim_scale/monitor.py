@@ -95,6 +95,18 @@ def write_local_config(
     return path
 
 
+def is_loopback(addr: str) -> bool:
+    """True for a listen address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if addr == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(addr.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or "" (every interface): not loopback
+
+
 def start_local_prometheus(
     run_dir: str | os.PathLike,
     *,
@@ -121,7 +133,8 @@ def start_local_prometheus(
                 f"--config.file={config}",
                 f"--storage.tsdb.path={out / 'data'}",
                 f"--web.listen-address={addr}:{port}",
-                "--web.enable-lifecycle",
+                # the lifecycle API (POST /-/quit, /-/reload) takes no credentials: only where nobody else connects
+                *(["--web.enable-lifecycle"] if is_loopback(addr) else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -165,3 +165,83 @@ def test_rayjob_manifest_entrypoint_parses_and_fits_the_cluster():
     assert images == {ray_up_image}  # one image for both ways of deploying
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert set(env) == {"env_vars"} and all(isinstance(v, str) for v in env["env_vars"].values())
+
+
+# ------------------------------------------------------------------ security of the cluster files (issue 15)
+
+def _ray_start_commands(config: dict) -> list[str]:
+    return [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key] if "ray start" in c]
+
+
+def test_ray_up_cluster_uses_tokens_loopback_dashboard_and_instance_roles():
+    text = RAY_UP.read_text()
+    config = yaml.safe_load(text)
+    docker_env = " ".join(config["docker"]["run_options"])
+    assert "RAY_AUTH_MODE=token" in docker_env and "RAY_AUTH_TOKEN_PATH=" in docker_env
+    starts = _ray_start_commands(config)
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts)
+    (head,) = [c for c in starts if "--head" in c]
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in text.split("head_start_ray_commands")[1]
+    token_path = re.search(r"RAY_AUTH_TOKEN_PATH=(\S+)", docker_env).group(1)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):  # the token is fetched before ray start
+        commands = config[key]
+        fetch = [i for i, c in enumerate(commands) if "secretsmanager" in c and token_path in c]
+        start = [i for i, c in enumerate(commands) if "ray start" in c]
+        assert fetch and start and fetch[0] < start[0], key
+        assert "umask 077" in commands[fetch[0]]
+    for name, node in config["available_node_types"].items():  # credentials: instance profiles, per node type
+        assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
+    assert not re.search(r"AWS_(SECRET_ACCESS_KEY|SESSION_TOKEN|ACCESS_KEY_ID)\s*[=:]", text)
+    assert not re.search(r"RAY_AUTH_TOKEN\s*[=:]", text)  # the token itself is never in the file
+
+
+def test_rayjob_uses_tokens_cluster_ip_and_irsa():
+    from mim_scale.launcher.ray_train import SECRET_NAME
+
+    text = RAYJOB.read_text()
+    spec = yaml.safe_load(text)["spec"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    major, minor = (int(x) for x in cluster["rayVersion"].split(".")[:2])
+    assert (major, minor) >= (2, 52)  # Ray's token authentication
+    head = cluster["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress", False)
+    values = json.dumps(spec)  # the manifest's values (comments excluded): nothing exposes a service outside
+    assert "LoadBalancer" not in values and "NodePort" not in values and "Ingress" not in values
+    for group in [head, *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        assert pod["serviceAccountName"] == "mim-scale"  # IRSA
+        for container in pod["containers"]:
+            names = [e["name"] for e in container.get("env", [])]
+            assert not [n for n in names if SECRET_NAME.search(n) and n != "RAY_AUTH_TOKEN"], names
+    env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+    assert not [k for k in env if SECRET_NAME.search(k)]
+    assert not re.search(r"AWS_(SECRET_ACCESS_KEY|SESSION_TOKEN|ACCESS_KEY_ID)\s*[=:]", text)
+
+
+def test_worker_env_never_carries_credentials(monkeypatch):
+    from mim_scale.config import load_config
+    from mim_scale.errors import UserFacingError
+    from mim_scale.launcher.ray_train import worker_env
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"):
+        monkeypatch.setenv(key, "s3cr3t")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.delenv("MIM_SCALE_FORWARD_ENV", raising=False)
+    env = worker_env(load_config("tiny"))
+    assert "s3cr3t" not in env.values() and env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    with pytest.raises(UserFacingError, match="--env: HF_TOKEN looks like a credential"):
+        worker_env(load_config("tiny"), {"HF_TOKEN": "x"})
+    monkeypatch.setenv("MIM_SCALE_FORWARD_ENV", "AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(UserFacingError, match="MIM_SCALE_FORWARD_ENV: AWS_SECRET_ACCESS_KEY"):
+        worker_env(load_config("tiny"))
+
+
+def test_cluster_doc_says_what_is_exposed_where():
+    doc = (REPO / "docs" / "CLUSTER.md").read_text()
+    security = doc.split("## Security", 1)[1].split("\n## ", 1)[0]
+    for port in ("8265", "10001", "6379", "8080", "9090"):
+        assert port in security, port
+    for word in ("RAY_AUTH_MODE=token", "port-forward", "IRSA", "instance profile", "runtime_env", "lifecycle"):
+        assert word in security, word
+    assert "dashboard-host=0.0.0.0" not in doc
