@@ -45,3 +45,22 @@ def export_cache(tmp_path, monkeypatch) -> Path:
     """A fresh pull cache for this test (``MIM_SCALE_CACHE``)."""
     monkeypatch.setenv("MIM_SCALE_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "exports"
+
+
+@pytest.fixture(scope="session")
+def finetune_data(ct_dir, tmp_path_factory) -> Path:
+    """The sample-CT segmentation dataset (train: abdomen/pelvis NIfTI; validate: the DICOM series)."""
+    from mim_scale.sample_data import write_finetune_dataset
+
+    return write_finetune_dataset(ct_dir, tmp_path_factory.mktemp("export_ft_data"))
+
+
+@pytest.fixture(scope="session")
+def evaluation_report(exported, finetune_data, tmp_path_factory) -> Path:
+    """A real ``mim-scale evaluate`` comparison report (the export vs scratch, 2 steps each)."""
+    from mim_scale.finetune.evaluate import compare_inits
+
+    root = tmp_path_factory.mktemp("export_eval")
+    compare_inits(finetune_data, [str(exported)], root / "runs", report=root / "report.json", recipe="sample_ct",
+                  overrides=['task="segmentation"', "train.steps=2"], log=lambda msg: None)
+    return root / "report.json"

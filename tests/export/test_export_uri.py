@@ -195,12 +195,10 @@ def test_s3_partial_and_tampered_exports_are_refused(trained_run, bucket, export
     assert rc == 2
 
 
-def test_finetune_from_an_s3_uri_in_one_command(trained_run, bucket, export_cache, ct_dir, tmp_path):
+def test_finetune_from_an_s3_uri_in_one_command(trained_run, bucket, export_cache, finetune_data, tmp_path):
     """A researcher with only a URI: `mim-scale finetune --init s3://...` pulls, verifies, fine-tunes."""
-    from mim_scale.sample_data import write_finetune_dataset
-
     uri = export_run(trained_run, "s3://lab-bucket/exports/for-finetune")
-    data = write_finetune_dataset(ct_dir, tmp_path / "data")
+    data = finetune_data
     out = tmp_path / "ft"
     rc = main(["finetune", "--task", "segmentation", "--recipe", "sample_ct", "--init", uri, "--data", str(data),
                "--out", str(out), "--set", "train.steps=2"])
