@@ -113,6 +113,12 @@ def export_run(run: Path, out: str | Path, *, dtype: str = "float32", full_state
         raise UserFacingError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
     if dtype not in _DTYPES:
         raise UserFacingError(f"unknown dtype {dtype!r} (one of {', '.join(sorted(_DTYPES))})")
+    from mim_scale import monai_bundle
+
+    if monai_bundle.is_finetune_run(Path(run)):
+        if fmt != "monai-bundle":
+            raise UserFacingError(f"{run}: a fine-tuning run exports as --format monai-bundle (its network and head)")
+        return _publish(out, lambda tmp: monai_bundle.write_finetuned_bundle(tmp, Path(run)))
     # a Ray run: the newest checkpoint Ray committed (a crash mid-upload leaves a partial folder that only
     # Ray's own list tells apart); a checkpoint folder or a local run: the newest complete one
     committed = None if (Path(run) / ckpt.STATE_FILE).is_file() else committed_checkpoint(str(run))
@@ -164,14 +170,16 @@ def export_run(run: Path, out: str | Path, *, dtype: str = "float32", full_state
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     weights = {k: v.to(torch_dtype).contiguous() for k, v in encoder.items()}
+    if fmt == "monai-bundle":
+        return _publish(out, lambda tmp: monai_bundle.write_bundle(tmp, weights, config))
+    return _publish(out, lambda tmp: _write_export(tmp, weights, config, full if full_state else None, report))
+
+
+def _publish(out: str | Path, write) -> Path | str:
+    """Build the export with ``write(folder)`` in a staging folder, index it, publish it atomically."""
     tmp = _staging_folder(out)
     try:
-        if fmt == "monai-bundle":
-            from mim_scale import monai_bundle
-
-            monai_bundle.write_bundle(tmp, weights, config)
-        else:
-            _write_export(tmp, weights, config, full if full_state else None, report)
+        write(tmp)
         write_sums(tmp)  # last: the index that says the export is complete
         published = publish_folder(tmp, out)
     except BaseException:
@@ -380,7 +388,8 @@ def _run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="consolidate a run's checkpoint into a foundation encoder (safetensors)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", metavar="RUN_DIR", help="a run folder (its latest checkpoint) or one checkpoint folder")
+    p.add_argument("run", metavar="RUN_DIR", help="a run folder (its latest checkpoint) or one checkpoint folder; "
+                                                  "with --format monai-bundle also a `mim-scale finetune` run")
     p.add_argument("--out", required=True, help="export folder, or s3://bucket/prefix/NAME")
     p.add_argument("--format", default="mim", choices=FORMATS,
                    help="mim: the export folder (Hub-ready); monai-bundle: a MONAI bundle")

@@ -10,6 +10,11 @@ Layout (MONAI's bundle specification)::
     DIR/docs/README.md           what it is, how to load it, licence
     DIR/SHA256SUMS               written last, as for every export
 
+``RUN`` may also be a ``mim-scale finetune`` run folder: then ``network_def`` is the fine-tuned network
+(:func:`FinetunedNetwork`: the segmentation or classification head on the encoder, as ``evaluate`` builds
+it), ``models/model.safetensors`` its newest checkpoint's weights, and ``inferer`` the recipe's sliding
+window; ``metadata.json`` names the classes and the ROI.
+
 There is deliberately no ``models/model.pt``: MONAI's usual checkpoint is a pickle, which runs code when
 loaded. MONAI's own tooling accepts the bundle::
 
@@ -33,6 +38,18 @@ import mim_scale
 from mim_scale import model_card
 
 WEIGHTS = "models/model.safetensors"
+
+
+def FinetunedNetwork(run: dict[str, Any]) -> nn.Module:  # noqa: N802 - a bundle `_target_`, named as a class
+    """The fine-tuned network of a ``mim-scale finetune`` run (its ``run.json`` tree), untrained: the
+    segmentation (or classification) head on the hybrid encoder, exactly as ``evaluate`` builds it."""
+    from mim_scale.finetune.build import EncoderInit, build_network, model_config_from_meta
+    from mim_scale.finetune.recipe import recipe_from_dict
+    from mim_scale.model import build_encoder
+
+    cfg = model_config_from_meta(run, "run.json")
+    init = EncoderInit(build_encoder(cfg), cfg, str(run.get("init", "")), {})
+    return build_network(recipe_from_dict(run["recipe"]), init, len(run["classes"]))
 
 
 class FeatureEncoder(nn.Module):
@@ -118,18 +135,23 @@ def _inference(config: dict[str, Any]) -> dict[str, Any]:
         "network": {"_target_": "mim_scale.monai_bundle.load_weights", "network": "@network_def",
                     "path": f"$@bundle_root + '/{WEIGHTS}'", "device": "@device"},
         # the preprocessing the encoder was pre-trained with (the shards' SPL array order of the LPS frame)
-        "preprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "LoadImaged", "keys": "image", "image_only": False},
-                {"_target_": "EnsureChannelFirstd", "keys": "image"},
-                {"_target_": "Orientationd", "keys": "image", "axcodes": p["orientation"],
-                 "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
-                {"_target_": "Spacingd", "keys": "image", "pixdim": spacing, "mode": "bilinear"},
-                {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": p["hu_min"], "a_max": p["hu_max"],
-                 "b_min": 0.0, "b_max": 1.0, "clip": True},
-            ],
-        },
+        "preprocessing": _preprocessing(p["orientation"], spacing, p["hu_min"], p["hu_max"]),
+    }
+
+
+def _preprocessing(orientation: str, spacing: list[float], hu_min: float, hu_max: float) -> dict[str, Any]:
+    """MONAI transforms as fine-tuning's deterministic part applies them (mim_scale.finetune.data)."""
+    return {
+        "_target_": "Compose",
+        "transforms": [
+            {"_target_": "LoadImaged", "keys": "image", "image_only": False},
+            {"_target_": "EnsureChannelFirstd", "keys": "image"},
+            {"_target_": "Orientationd", "keys": "image", "axcodes": orientation,
+             "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": spacing, "mode": "bilinear"},
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": hu_min, "a_max": hu_max,
+             "b_min": 0.0, "b_max": 1.0, "clip": True},
+        ],
     }
 
 
@@ -190,6 +212,106 @@ def write_bundle(folder: Path, weights: dict[str, torch.Tensor], config: dict[st
     (folder / "configs" / "inference.json").write_text(json.dumps(_inference(config), indent=1))
     (folder / "docs" / "README.md").write_text(_readme(config))
     (folder / "configs" / "mim_scale_export.json").write_text(json.dumps(config, indent=1))
+
+
+def is_finetune_run(run: Path) -> bool:
+    return (Path(run) / "run.json").is_file() and (Path(run) / "checkpoints").is_dir()
+
+
+def write_finetuned_bundle(folder: Path, run_dir: Path) -> dict[str, Any]:
+    """A bundle of a fine-tuned network (``mim-scale finetune`` run folder: ``run.json`` + its newest
+    checkpoint's ``model.safetensors``). Returns the run's summary for the caller's messages."""
+    from safetensors.torch import load_file, save_file
+
+    from mim_scale.errors import UserFacingError
+    from mim_scale.finetune.checkpoint import latest_checkpoint, read_json
+
+    run = read_json(run_dir / "run.json")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserFacingError(f"{run_dir}: no complete fine-tuning checkpoint (checkpoints/step_*/state.json)")
+    weights = load_file(str(ckpt / "model.safetensors"))
+    net = FinetunedNetwork(run)
+    load_weights(net, str(ckpt / "model.safetensors"))  # strict: the bundle's network is the run's network
+    state = read_json(ckpt / "state.json")
+    for sub in ("configs", "models", "docs"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / WEIGHTS),
+              metadata={"format": "mim-scale-finetuned", "version": mim_scale.__version__})
+    rec, classes, roi = run["recipe"], list(run["classes"]), [int(r) for r in run["roi_size"]]
+    pre = rec["preprocessing"]
+    seg = rec["task"] == "segmentation"
+    import monai
+    import numpy
+    import safetensors
+
+    meta = {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
+        "version": "0.1.0",
+        "changelog": {"0.1.0": f"exported by mim-scale {mim_scale.__version__} from {run_dir.name}, step {state.get('step')}"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": numpy.__version__,
+        "required_packages_version": {"mim-scale": mim_scale.__version__, "safetensors": safetensors.__version__},
+        "name": f"MiM fine-tuned CT {rec['task']}",
+        "task": f"CT {rec['task']} ({', '.join(classes)})",
+        "description": f"mim-scale fine-tuned network (init {run.get('init')}), step {state.get('step')}.",
+        "authors": "mim-scale",
+        "copyright": "Follows the terms of the pre-training and fine-tuning data; see docs/README.md",
+        "data_source": str(run.get("data", "unknown")),
+        "data_type": "nibabel or dicom, resampled as configs/inference.json#preprocessing",
+        "image_classes": "single-channel CT intensity, HU windowed and scaled to [0, 1]",
+        "label_classes": {str(i): c for i, c in enumerate(classes)},
+        "intended_use": "Research only. Not a medical device.",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
+                                 "spatial_shape": roi, "dtype": "float32", "value_range": [0, 1],
+                                 "is_patch_data": True, "channel_def": {"0": "image"}}},
+            "outputs": {"pred": {"type": "image" if seg else "probabilities", "format": "segmentation" if seg else "classes",
+                                 "num_channels": len(classes), "spatial_shape": roi if seg else [], "dtype": "float32",
+                                 "value_range": [], "is_patch_data": True,
+                                 "channel_def": {str(i): c for i, c in enumerate(classes)}}},
+        },
+    }
+    inference = {
+        "bundle_root": ".",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "network_def": {"_target_": "mim_scale.monai_bundle.FinetunedNetwork", "run": run},
+        "network": {"_target_": "mim_scale.monai_bundle.load_weights", "network": "@network_def",
+                    "path": f"$@bundle_root + '/{WEIGHTS}'", "device": "@device"},
+        "preprocessing": _preprocessing(pre["orientation"], list(pre["spacing"]), pre["hu_min"], pre["hu_max"]),
+    }
+    if seg:
+        inference["inferer"] = {"_target_": "SlidingWindowInferer", "roi_size": roi,
+                                "sw_batch_size": int((rec.get("eval") or {}).get("sw_batch_size", 4)),
+                                "overlap": float((rec.get("eval") or {}).get("sw_overlap", 0.5))}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta, indent=1))
+    (folder / "configs" / "inference.json").write_text(json.dumps(inference, indent=1))
+    (folder / "configs" / "mim_scale_run.json").write_text(json.dumps(run, indent=1))
+    (folder / "docs" / "README.md").write_text(f"""# MiM fine-tuned CT {rec['task']} network (MONAI bundle)
+
+Exported by mim-scale {mim_scale.__version__} from the fine-tuning run `{run_dir.name}` (step {state.get('step')},
+init `{run.get('init')}`). Classes (output channels): {', '.join(classes)}.
+
+## Load
+```python
+from monai.bundle import ConfigParser
+parser = ConfigParser()
+parser.read_config("configs/inference.json"); parser.read_meta("configs/metadata.json")
+parser["bundle_root"] = "THIS_FOLDER"
+net = parser.get_parsed_content("network")      # weights from {WEIGHTS} (safetensors, no pickle)
+logits = parser.get_parsed_content("inferer")(x, net) if "inferer" in parser else net(x)
+```
+Input: {roi} crops in [0, 1] after `configs/inference.json#preprocessing` (orientation
+{pre['orientation']} with LPS labels, spacing {list(pre['spacing'])} mm, HU [{pre['hu_min']}, {pre['hu_max']}]).
+Check it: `python -m monai.bundle verify_net_in_out network --meta_file configs/metadata.json
+--config_file configs/inference.json --bundle_root THIS_FOLDER`; files: `sha256sum -c SHA256SUMS`.
+
+## Licence
+The weights follow the terms of the pre-training data (see the encoder's card) and of the fine-tuning
+data (`{run.get('data', 'unknown')}`). Research use; not a medical device.
+""")
+    return {"step": state.get("step"), "task": rec["task"], "classes": classes}
 
 
 def load_bundle_network(bundle: str | Path, net_id: str = "network"):

@@ -84,3 +84,43 @@ def test_a_tampered_bundle_is_refused(bundle, tmp_path):
     (bad / "configs" / "inference.json").write_text(json.dumps(inference))
     with pytest.raises(ExportIntegrityError, match=r"bad/configs/inference\.json: sha256"):
         load_bundle_network(bad)
+
+
+def test_a_finetuned_segmentation_network_as_a_bundle(evaluation_report, ct_dir, tmp_path):
+    """A `mim-scale finetune` run (the pretrained run of the evaluate fixture) -> a bundle whose parser builds
+    the segmentation network with its weights, equal to the run's own network on a real CT window."""
+    from monai.bundle import ConfigParser, verify_net_in_out
+
+    from mim_scale.finetune.build import EncoderInit, build_network, model_config_from_meta
+    from mim_scale.finetune.checkpoint import latest_checkpoint, load_model, read_json
+    from mim_scale.finetune.recipe import recipe_from_dict
+    from mim_scale.model import build_encoder
+
+    report = json.loads(evaluation_report.read_text())
+    run_dir = Path(next(r for r in report["runs"].values() if r["pretrained"])["run_dir"])
+    out = tmp_path / "seg_bundle"
+    assert main(["export", str(run_dir), "--format", "monai-bundle", "--out", str(out)]) == 0
+    assert not list(out.rglob("*.pt"))
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    run = read_json(run_dir / "run.json")
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == len(run["classes"]) == 6
+    verify_net_in_out(net_id="network", meta_file=str(out / "configs" / "metadata.json"),
+                      config_file=str(out / "configs" / "inference.json"), bundle_root=str(out), device="cpu")
+
+    parser = ConfigParser()
+    parser.read_config(str(out / "configs" / "inference.json"))
+    parser.read_meta(str(out / "configs" / "metadata.json"))
+    parser["bundle_root"] = str(out)
+    parser["device"] = "$torch.device('cpu')"
+    net = parser.get_parsed_content("network").eval()
+    cfg = model_config_from_meta(run, "run.json")
+    own = build_network(recipe_from_dict(run["recipe"]), EncoderInit(build_encoder(cfg), cfg, "x", {}), 6)
+    load_model(latest_checkpoint(run_dir) / "model.safetensors", own)
+    image = parser.get_parsed_content("preprocessing")({"image": str(ct_dir / "abdomen_pelvis_ct.nii.gz")})["image"]
+    roi = run["roi_size"]
+    c = [s // 2 for s in image.shape[1:]]
+    x = image.as_tensor()[None, :, *[slice(ci - r // 2, ci + r // 2) for ci, r in zip(c, roi)]].float()
+    assert tuple(x.shape[2:]) == tuple(roi)
+    with torch.no_grad():
+        theirs, ours = net(x), own.eval()(x)
+    assert theirs.shape == (1, 6, *roi) and torch.equal(theirs, ours)
