@@ -28,18 +28,17 @@ import secrets
 import sys
 import time
 from collections import Counter as CountDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from mim_scale.errors import UserFacingError
 from mim_scale.fileutil import fsync_dir, sha256_file
-from mim_scale.shards import dicom, metrics
+from mim_scale.shards import dicom, formats, metrics, recipes
 from mim_scale.shards.format import (
     AXIS_ORDER, CODECS, DTYPE, FORMAT_NAME, FORMAT_VERSION, HU_MAX, HU_MIN, MANIFEST_NAME, manifest_bytes,
 )
 from mim_scale.shards.inputs import InputSpec, parse_inputs
-from mim_scale.shards.nifti import is_nifti
 from mim_scale.shards.rejects import REASONS
 from mim_scale.shards.worker import ItemResult, WorkerSettings, WorkItem, process_item
 from mim_scale.shards.writer import TMP_SUFFIX, ShardFile, ShardInfo
@@ -84,6 +83,7 @@ class BuildReport:
     workers: int
     peak_worker_rss_bytes: int
     worker_seconds: float = 0.0
+    found: dict[str, int] = field(default_factory=dict)  # CT volumes found per dataset, before de-duplication
 
     @property
     def volumes_per_minute(self) -> float:
@@ -166,18 +166,23 @@ def plan_inputs(
     """Discover every input -> (work items sorted by key, with their plan index; discovery rejects).
 
     DICOM headers are read in chunks of DISCOVER_CHUNK files, as parallel tasks when ``pool`` is Ray.
+    An input named after a collection recipe is read with it (``recipes.select``); DICOM series that
+    another collection holds as a file named by their SeriesInstanceUID are dropped (``duplicate_series``).
     """
     items: list[WorkItem] = []
     rejects: list[RejectRecord] = []
     seen_keys: dict[str, str] = {}
+    named_uids: dict[str, tuple[str, str]] = {}  # SeriesInstanceUID -> (key, dataset) of files named by it
+    dicom_uids: dict[str, tuple[str, str]] = {}
 
-    def add(dataset: str, kind: str, identity: str, files: tuple[str, ...], source: str, multiframe: bool = False) -> None:
+    def add(dataset: str, kind: str, identity: str, files: tuple[str, ...], source: str, multiframe: bool = False) -> str | None:
         key = source_key(salt, dataset, kind, identity)
         if key in seen_keys:
             rejects.append(RejectRecord(source, "duplicate_content", f"same source identity as {seen_keys[key]}", dataset, key))
-            return
+            return None
         seen_keys[key] = source
         items.append(WorkItem(0, key, dataset, kind, files, source, multiframe))
+        return key
 
     for spec in specs:
         root = spec.path.resolve()
@@ -187,20 +192,33 @@ def plan_inputs(
         else:
             files = dicom.list_files(root)
             base = root
-        nii = [f for f in files if is_nifti(f)]
-        other = [f for f in files if not is_nifti(f)]
-        for f in nii:
-            add(spec.dataset, "nifti", os.path.relpath(f, base), (f,), f)
+        sel = recipes.select(spec.dataset, files, base, spec.path)
+        rejects.extend(RejectRecord(path, reason, detail, spec.dataset) for path, reason, detail in sel.rejects)
+        for kind, f, uid in sel.volumes:
+            key = add(spec.dataset, kind, os.path.relpath(f, base), (f,), f)
+            if key and uid:
+                named_uids.setdefault(uid, (key, spec.dataset))
+        other = sel.dicom_files
         chunks = [(other[i:i + DISCOVER_CHUNK], str(base)) for i in range(0, len(other), DISCOVER_CHUNK)]
         series, file_rejects = _discover_all(chunks, pool)
         for r in file_rejects:
-            rejects.append(RejectRecord(r.path, r.reason, r.detail, spec.dataset))
+            reason, detail = formats.refine_not_dicom(r.path, r.reason, r.detail)
+            rejects.append(RejectRecord(r.path, reason, detail, spec.dataset))
         for s in series:
             source = os.path.commonpath(s.files) if len(s.files) > 1 else s.files[0]
             if s.modality != "CT":
                 rejects.append(RejectRecord(source, "non_ct_modality", f"Modality {s.modality or 'missing'}, {len(s.files)} file(s)", spec.dataset))
                 continue
-            add(spec.dataset, "dicom", s.uid, tuple(s.files), source, s.multiframe)
+            key = add(spec.dataset, "dicom", s.uid, tuple(s.files), source, s.multiframe)
+            if key:
+                dicom_uids.setdefault(s.uid, (key, spec.dataset))
+    dropped = recipes.drop_duplicate_series(named_uids, dicom_uids)
+    if dropped:
+        by_key = {it.key: it for it in items}
+        for key, kept in dropped.items():
+            it = by_key[key]
+            rejects.append(RejectRecord(it.source, "duplicate_series", f"same SeriesInstanceUID as {by_key[kept].source}", it.dataset, key))
+        items = [it for it in items if it.key not in dropped]
     items.sort(key=lambda it: it.key)
     items = [dataclasses.replace(it, index=i) for i, it in enumerate(items)]
     rejects.sort(key=lambda r: (r.source, r.reason))
@@ -499,6 +517,7 @@ def build_shards(
 def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, excl: set[str], salt: bytes,
            pool: "_InProcess | _RayPool", progress: bool, t0: float) -> BuildReport:
     items, discovery_rejects = plan_inputs(specs, salt, pool)
+    found = CountDict(it.dataset for it in items) + CountDict(r.dataset for r in discovery_rejects if r.reason == "duplicate_series")
     fingerprint = _plan_fingerprint(cfg, items, excl)
     journal_path = private / "journal.jsonl"
     state = _load_journal(journal_path, fingerprint, out)
@@ -623,7 +642,7 @@ def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, e
     }
     public_report = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "num_samples": len(built), "num_shards": len(shards),
-        "datasets": datasets, "rejected": reasons, "rejected_total": len(all_rejects),
+        "datasets": datasets, "found": dict(sorted(found.items())), "rejected": reasons, "rejected_total": len(all_rejects),
         "reason_descriptions": {k: REASONS[k] for k in reasons},
     }
     try:
@@ -645,7 +664,7 @@ def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, e
         shard_bytes=sum(s.bytes for s in shards), raw_bytes=sum(r["raw_bytes"] for r in built),
         voxels=sum(r["voxels"] for r in built), datasets=datasets, rejected=reasons, built_now=built_now,
         resumed_items=resumed, seconds=seconds, workers=pool.workers, peak_worker_rss_bytes=peak_rss,
-        worker_seconds=worker_seconds,
+        worker_seconds=worker_seconds, found=dict(sorted(found.items())),
     )
     log.info("built %d volume(s) into %d shard(s); %d input(s) rejected (%s); details in %s",
              report.num_samples, report.num_shards, len(all_rejects),

@@ -16,9 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="shards_command", metavar="SUBCOMMAND")
     sub.required = True
 
-    b = sub.add_parser("build", help="DICOM trees / NIfTI files -> de-identified shards + manifest")
+    b = sub.add_parser("build", help="DICOM trees / NIfTI / MetaImage / NRRD files -> de-identified shards + manifest")
     b.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="PATH, NAME=PATH (dataset name), or a .csv/.txt list of 'PATH' or 'NAME,PATH' lines")
+                   help="PATH, NAME=PATH (dataset name; a collection's name selects its recipe: "
+                        "btcv tcia_covid19 luna16 stoic21 flare23 lidc hnscc totalsegmentator), "
+                        "or a .csv/.txt list of 'PATH' or 'NAME,PATH' lines")
     b.add_argument("--out", required=True, type=Path, help="shareable output folder (shards, manifest, report)")
     b.add_argument("--dataset", default="default", help="dataset name of the inputs given without NAME=")
     b.add_argument("--private-dir", type=Path, default=None, help="private outputs (default: OUT.private beside OUT)")
@@ -94,6 +96,7 @@ def _triple(text: str, cast: type) -> tuple:
 def _build(args: argparse.Namespace) -> int:
     from mim_scale.shards.builder import BuildConfig, build_shards
     from mim_scale.shards.limits import DEFAULT_WORKER_MEMORY_BYTES
+    from mim_scale.shards.recipes import count_table
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = BuildConfig(
@@ -110,6 +113,7 @@ def _build(args: argparse.Namespace) -> int:
     print(f"rejected: {sum(rep.rejected.values())} {json.dumps(rep.rejected, sort_keys=True)} (details: {rep.private_dir}/rejects.jsonl)")
     print(f"this run: {rep.built_now} built in {rep.seconds:.1f} s ({rep.volumes_per_minute:.1f} vol/min), "
           f"{rep.bytes_per_voxel:.3f} shard bytes/voxel (raw int16: 2)")
+    print(count_table(rep.found, rep.datasets))
     return 0
 
 

@@ -25,6 +25,15 @@ REASONS: dict[str, str] = {
                             "--allow-burned-in-annotation / allow_burned_in_annotation",
     "derived_image": "ImageType is DERIVED or SECONDARY (reformat, screen capture, computed map): allow with "
                      "--allow-derived / allow_derived",
+    "unsupported_format": "not a format the builder reads (DICOM, NIfTI, MetaImage, NRRD), or a variant of one it does not take",
+    "bad_header": "MetaImage / NRRD header malformed, or longer than the header bound",
+    "unsupported_data_type": "voxel type the readers do not take (unknown element type, vectors, complex)",
+    "unsafe_data_file": "a header names a data file outside its own folder (absolute path, '..', a link leading out)",
+    "missing_data_file": "the data file a MetaImage / NRRD header names is absent",
+    # collection recipes (mim_scale.shards.recipes)
+    "label_map": "segmentation / label volume in a collection's tree: skipped by its recipe",
+    "annotation": "annotation, metadata or script file in a collection's tree (XML, CSV, JSON, ...): skipped",
+    "outside_recipe": "file where the collection's recipe expects none: that part of the layout does not match",
     # series level
     "non_ct_modality": "modality is not CT (MR, SEG, PT, ...): reported, not built",
     "localizer": "localizer / scout image",
@@ -52,6 +61,7 @@ REASONS: dict[str, str] = {
     "read_failed": "the reader failed for another reason (detail in rejects.jsonl)",
     # build level
     "duplicate_content": "the built volume is identical to one already in this build",
+    "duplicate_series": "the same scan (SeriesInstanceUID) as a volume of another collection in this build",
     "excluded": "listed in --exclude (content hash or source key)",
 }
 

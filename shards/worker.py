@@ -1,4 +1,4 @@
-"""One unit of build work: a DICOM series or NIfTI file -> encoded sample bytes, or a named reject.
+"""One unit of build work: a DICOM series or a NIfTI / MetaImage / NRRD file -> encoded sample bytes, or a named reject.
 
 ``process_item`` is a pure function of its arguments (same input -> same bytes), runs in-process
 (``workers=0``) or as a Ray task, and never raises for bad input: every failure comes back as a
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mim_scale.shards import dicom, geometry, nifti
+from mim_scale.shards import dicom, geometry, itkimage, nifti
 from mim_scale.shards.format import AXIS_ORDER, DTYPE, FORMAT_NAME, FORMAT_VERSION, affine_ras, encode_volume
 from mim_scale.shards.limits import DEFAULT_WORKER_MEMORY_BYTES, LOAD_FLOAT_BYTES, MemoryLimits
 from mim_scale.shards.rejects import InputRejected
@@ -62,7 +62,7 @@ class WorkItem:
     index: int
     key: str
     dataset: str
-    kind: str  # "dicom" | "nifti"
+    kind: str  # "dicom" | "nifti" | "metaimage" | "nrrd"
     files: tuple[str, ...]
     source: str
     multiframe: bool = False
@@ -131,6 +131,8 @@ def load_volume(item: WorkItem, settings: WorkerSettings, notes: dict[str, str] 
     """
     if item.kind == "nifti":
         vol = nifti.load_nifti(item.files[0], settings.limits())
+    elif item.kind in ("metaimage", "nrrd"):
+        vol = itkimage.load_itk(item.files[0], settings.max_voxels, limits=settings.limits())
     elif item.kind == "dicom":
         tol = dicom.StackTolerances(
             spacing_rel=settings.slice_spacing_tolerance, tilt_deg=settings.max_tilt_deg, min_slices=settings.min_slices
