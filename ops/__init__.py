@@ -1,17 +1,26 @@
-"""Masking and patching operations for MiM, behind one dispatch point.
+"""MiM's masking, patching and masked-conv operations behind one dispatch point (``mim_scale.ops``).
 
-Every operation here has the signature and semantics of its plain-torch namesake in
-:mod:`mim_scale.ops.reference`. With the default backend ``"auto"``, CUDA tensors go to the fused Triton
-kernels (:mod:`mim_scale.ops.triton_ops`, autograd included) for the operations that measured faster than
-eager torch on a GPU (:data:`AUTO_TRITON`), when triton imports; everything else goes to the reference. Override for a process with ``MIM_SCALE_OPS_BACKEND=auto|reference|triton``, or in code::
+One file per op holds its torch reference, its Triton kernel(s) and its autograd Function (Liger style):
+
+    loss.py       masked_norm_pix_mse(pred, vol, mask, p, eps)         MAE's normalised-pixel loss, masked
+    gather.py     gather_tokens(x, ids)                                the encoder's visible tokens
+    scatter.py    scatter_tokens(visible, ids_keep, fill, length)      the decoder's grid with mask tokens
+    views.py      make_views(crop, octants, picks, p, masks)           MiM's three levels of views, one launch
+    depthwise.py  masked_depthwise_conv3d(x, keep, weight, bias)       a conv block's dw(x * keep), channels-last
+
+Each public function here has its op's reference signature and semantics and picks the path per call:
+backend ``"auto"`` (default) runs an op's fused kernel only on a device where a measured figure says it wins
+(:mod:`mim_scale.ops.auto`, which states the figures; today: the view kernel on an H200, nothing on CPU),
+``"reference"`` always the torch reference, ``"triton"`` always the kernel (on CPU tensors through Triton's
+interpreter: slow, for checks). Override with ``MIM_SCALE_OPS_BACKEND=auto|reference|triton``,
+:func:`set_backend`, or ``with ops.backend(...)``. ``calls`` counts ``(op, "triton" | "reference")`` per call,
+so a test or a benchmark can see which path served a run. Without triton the package imports and every op
+answers with its reference.
 
     from mim_scale import ops
     loss = ops.masked_norm_pix_mse(pred, vol, mask, p)      # (N, L, p^3 C), (N, C, D, H, W), (N, L)
-    with ops.backend("reference"):                          # e.g. to time a step without the kernels
+    with ops.backend("reference"):
         ...
-
-``"triton"`` forces the kernels even on CPU tensors (run by Triton's interpreter: slow, for checks only).
-``calls`` counts which path served each call, so a benchmark can tell whether a model routes through here.
 """
 
 from __future__ import annotations
@@ -23,26 +32,17 @@ from typing import Iterator
 
 import torch
 
-from . import reference
-from .reference import (apply_token_mask, downsample2x, norm_pix_target, octant_views, patch_views, patchify,
-                        unpatchify, upsample_token_mask)
-
-try:  # triton is optional (the `gpu`/`test` extras); CPU-only installs use the references
-    from . import triton_ops
-    TRITON_IMPORT_ERROR: Exception | None = None
-except (ImportError, RuntimeError, OSError) as exc:  # a broken triton install must not break the package
-    triton_ops = None
-    TRITON_IMPORT_ERROR = exc
+from . import _triton, auto, depthwise, gather, loss, reference, scatter, views
+from .patches import norm_pix_target, patchify, unpatchify, upsample_token_mask
+from .views import apply_token_mask, downsample2x, octant_views, patch_views
 
 BACKENDS = ("auto", "reference", "triton")
-FUSED_OPS = ("masked_norm_pix_mse", "gather_tokens", "scatter_tokens", "make_views")
 
-# Which fused kernels "auto" uses on CUDA: only those measured faster than eager torch in the way the
-# model uses them (H200, docs/gpu-results/2026-11-26-h200/ops_bench.txt). The loss kernel is faster in
-# the forward pass alone (x1.61) but slower forward + backward (x0.84); gather and scatter are about 4x
-# slower than eager indexing; the view kernel is x1.94 faster (no backward needed). Use backend "triton"
-# to force them all.
-AUTO_TRITON = {"masked_norm_pix_mse": False, "gather_tokens": False, "scatter_tokens": False, "make_views": True}
+# op name -> its file (each has ``reference`` and ``fused`` with the op's signature)
+OP_MODULES = {"masked_norm_pix_mse": loss, "gather_tokens": gather, "scatter_tokens": scatter,
+              "make_views": views, "masked_depthwise_conv3d": depthwise}
+FUSED_OPS = tuple(OP_MODULES)
+TRITON_IMPORT_ERROR = _triton.IMPORT_ERROR
 
 calls: collections.Counter = collections.Counter()  # (op name, "triton" | "reference") -> calls
 
@@ -62,10 +62,10 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """Choose the path for every later call: "auto" (Triton on CUDA), "reference", or "triton" (always)."""
+    """Choose the path for every later call: "auto" (measured winners), "reference", or "triton" (always)."""
     global _backend
     name = _validated(name)
-    if name == "triton" and triton_ops is None:
+    if name == "triton" and not _triton.available():
         raise RuntimeError(f"ops backend 'triton' needs triton, which failed to import: {TRITON_IMPORT_ERROR}")
     _backend = name
 
@@ -82,57 +82,67 @@ def backend(name: str) -> Iterator[None]:
 
 
 def triton_available() -> bool:
-    return triton_ops is not None
+    return _triton.available()
 
 
-def _use_triton(op: str, tensors: tuple[torch.Tensor, ...], eligible: bool = True) -> bool:
-    if _backend == "reference" or triton_ops is None or not eligible:
-        use = False
-    elif _backend == "triton":
-        use = True
-    else:
-        use = AUTO_TRITON.get(op, False) and all(t.is_cuda for t in tensors)
+def fused_enabled(op: str, *tensors: torch.Tensor | None, eligible: bool = True) -> bool:
+    """Whether a call of ``op`` on ``tensors`` goes to the fused kernel (no counting; see :func:`_route`)."""
+    if op not in OP_MODULES:
+        raise KeyError(f"unknown op {op!r}; ops are {FUSED_OPS}")
+    if _backend == "reference" or not _triton.available() or not eligible:
+        return False
+    if _backend == "triton":
+        return True
+    present = [t for t in tensors if t is not None]
+    device = present[0].device
+    return all(t.device == device for t in present) and auto.enabled(op, device)
+
+
+def _route(op: str, tensors: tuple[torch.Tensor | None, ...], eligible: bool = True):
+    """The function that serves this call (the op's ``fused`` or ``reference``), counted in ``calls``."""
+    use = fused_enabled(op, *tensors, eligible=eligible)
     if not torch.compiler.is_compiling():
         calls[(op, "triton" if use else "reference")] += 1
-    return use
+    module = OP_MODULES[op]
+    return module.fused if use else module.reference
 
 
 def masked_norm_pix_mse(pred: torch.Tensor, vol: torch.Tensor, mask: torch.Tensor, p: int,
                         eps: float = 1e-6) -> torch.Tensor:
-    """See :func:`reference.masked_norm_pix_mse`. A ``vol`` that requires grad goes to the reference (the
-    fused kernel treats the normalised target as a constant)."""
-    if _use_triton("masked_norm_pix_mse", (pred, vol, mask), eligible=not vol.requires_grad):
-        return triton_ops.masked_norm_pix_mse(pred, vol, mask, p, eps)
-    return reference.masked_norm_pix_mse(pred, vol, mask, p, eps)
+    """See :mod:`mim_scale.ops.loss`. A ``vol`` that requires grad goes to the reference (the fused kernel
+    treats the normalised target as a constant)."""
+    return _route("masked_norm_pix_mse", (pred, vol, mask), eligible=not vol.requires_grad)(pred, vol, mask, p, eps)
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """See :func:`reference.gather_tokens`."""
-    if _use_triton("gather_tokens", (x, ids)):
-        return triton_ops.gather_tokens(x, ids)
-    return reference.gather_tokens(x, ids)
+    """See :mod:`mim_scale.ops.gather`."""
+    return _route("gather_tokens", (x, ids))(x, ids)
 
 
 def scatter_tokens(visible: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor, length: int) -> torch.Tensor:
-    """See :func:`reference.scatter_tokens`."""
-    if _use_triton("scatter_tokens", (visible, ids_keep, fill)):
-        return triton_ops.scatter_tokens(visible, ids_keep, fill, length)
-    return reference.scatter_tokens(visible, ids_keep, fill, length)
+    """See :mod:`mim_scale.ops.scatter`."""
+    return _route("scatter_tokens", (visible, ids_keep, fill))(visible, ids_keep, fill, length)
 
 
 def make_views(crop: torch.Tensor, octants: torch.Tensor, picks: torch.Tensor, p: int,
                masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """See :func:`reference.make_views`. A crop that requires grad goes to the reference."""
+    """See :mod:`mim_scale.ops.views`. A crop that requires grad goes to the reference (the kernel has no
+    backward)."""
     tensors = (crop, octants, picks) + (tuple(masks) if masks is not None else ())
-    if _use_triton("make_views", tensors, eligible=not crop.requires_grad):
-        return triton_ops.make_views(crop, octants, picks, p, masks)
-    return reference.make_views(crop, octants, picks, p, masks)
+    return _route("make_views", tensors, eligible=not crop.requires_grad)(crop, octants, picks, p, masks)
+
+
+def masked_depthwise_conv3d(x: torch.Tensor, keep: torch.Tensor | None, weight: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+    """See :mod:`mim_scale.ops.depthwise`. A ``keep`` that requires grad goes to the reference."""
+    eligible = keep is None or not keep.requires_grad
+    return _route("masked_depthwise_conv3d", (x, keep, weight, bias), eligible=eligible)(x, keep, weight, bias)
 
 
 __all__ = [
-    "BACKENDS", "FUSED_OPS", "apply_token_mask", "backend", "calls", "downsample2x", "gather_tokens",
-    "get_backend", "make_views", "masked_norm_pix_mse", "norm_pix_target", "octant_views", "patch_views",
-    "patchify", "reference", "scatter_tokens", "set_backend", "triton_available", "unpatchify",
-    "upsample_token_mask",
+    "BACKENDS", "FUSED_OPS", "OP_MODULES", "apply_token_mask", "auto", "backend", "calls", "downsample2x",
+    "fused_enabled", "gather_tokens", "get_backend", "make_views", "masked_depthwise_conv3d",
+    "masked_norm_pix_mse", "norm_pix_target", "octant_views", "patch_views", "patchify", "reference", "scatter_tokens",
+    "set_backend", "triton_available", "unpatchify", "upsample_token_mask",
 ]

@@ -87,6 +87,7 @@ class Bench:
     impls: dict[str, Callable[[], object]] = field(default_factory=dict)  # triton / eager / (compile built later)
     reference_fn: Callable | None = None  # the reference to torch.compile
     make_compiled_call: Callable[[Callable], Callable[[], object]] | None = None
+    shape: str = ""  # set when an op is measured at several shapes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,10 +106,16 @@ class Sizes:
     crops: int  # crops per view-construction call
     k2: int
     k3: int
+    dw_stages: tuple[tuple[int, int], ...] = ()  # masked depthwise conv: (channels, side) per conv stage
+    dw_views: int = 0  # views through the conv stages in one step
+    dw_k: int = 5
 
 
-FULL = Sizes(views=16, view=96, p=16, token_rows=84, enc_dim=384, dec_dim=576, crops=2, k2=4, k3=4)
-TINY = Sizes(views=2, view=16, p=4, token_rows=2, enc_dim=32, dec_dim=48, crops=1, k2=2, k3=2)
+# base: 21 views (1 + 4 + 16 per crop) through conv stages of 48 ch at 48^3 and 96 ch at 24^3, k = 5
+FULL = Sizes(views=16, view=96, p=16, token_rows=84, enc_dim=384, dec_dim=576, crops=2, k2=4, k3=4,
+             dw_stages=((48, 48), (96, 24)), dw_views=21, dw_k=5)
+TINY = Sizes(views=2, view=16, p=4, token_rows=2, enc_dim=32, dec_dim=48, crops=1, k2=2, k3=2,
+             dw_stages=((4, 6),), dw_views=1, dw_k=3)
 
 
 def _grad_call(fn: Callable, leaf: torch.Tensor, *args) -> Callable[[], object]:
@@ -124,7 +131,10 @@ def _grad_call(fn: Callable, leaf: torch.Tensor, *args) -> Callable[[], object]:
 
 
 def build_benches(dev: torch.device, z: Sizes, use_triton: bool) -> list[Bench]:
-    from . import triton_ops as T  # only imported when triton is present
+    from types import SimpleNamespace
+
+    from . import OP_MODULES
+    T = SimpleNamespace(**{name: module.fused for name, module in OP_MODULES.items()})
     g = torch.Generator(device="cpu").manual_seed(0)
     bf16 = torch.bfloat16
     benches: list[Bench] = []
@@ -201,10 +211,72 @@ def build_benches(dev: torch.device, z: Sizes, use_triton: bool) -> list[Bench]:
     b.make_compiled_call = lambda f: (lambda: f(crop, octants, picks, p))
     benches.append(b)
 
+    # --- the conv blocks' masked depthwise conv, channels-last bf16 as under autocast; eager is what the
+    # model runs on CUDA (F.conv3d on a channels-last-3d view: cuDNN, if the profile confirms it)
+    for ch, side in z.dw_stages:
+        benches += _depthwise_benches(dev, g, T, z.dw_views, ch, side, z.dw_k)
+
     if not use_triton:
         for b in benches:
             b.impls.pop("triton")
     return benches
+
+
+def _depthwise_benches(dev: torch.device, g: torch.Generator, T, views: int, ch: int, side: int,
+                       k: int) -> list[Bench]:
+    bf16 = torch.bfloat16
+    x = torch.randn((views, side, side, side, ch), generator=g).to(dev, bf16).requires_grad_(True)
+    keep = (torch.rand((views, side, side, side, 1), generator=g) < 0.4).to(dev, bf16)
+    w = (torch.randn((ch, 1, k, k, k), generator=g) / k**1.5).to(dev, bf16).requires_grad_(True)
+    bias = torch.zeros((ch,)).to(dev, bf16).requires_grad_(True)
+    act = x.numel() * x.element_size()
+    out = []
+    for direction, nbytes in (("fwd", 2 * act), ("fwd+bwd", 2 * act + 3 * act)):  # fwd: x in, y out
+        b = Bench("masked_depthwise_conv3d", direction, nbytes, reference_fn=R.masked_depthwise_conv3d,
+                  shape=f"{views}x{ch}x{side}^3 k{k}")
+        if direction == "fwd":
+            b.impls["eager"] = lambda: R.masked_depthwise_conv3d(x, keep, w, bias)
+            b.impls["triton"] = lambda: T.masked_depthwise_conv3d(x, keep, w, bias)
+            b.make_compiled_call = lambda f: (lambda: f(x, keep, w, bias))
+        else:
+            b.impls["eager"] = _grad_call_all(R.masked_depthwise_conv3d, (x, w, bias), x, keep, w, bias)
+            b.impls["triton"] = _grad_call_all(T.masked_depthwise_conv3d, (x, w, bias), x, keep, w, bias)
+            b.make_compiled_call = lambda f: _grad_call_all(f, (x, w, bias), x, keep, w, bias)
+        out.append(b)
+    return out
+
+
+def _grad_call_all(fn: Callable, leaves: tuple[torch.Tensor, ...], *args) -> Callable[[], object]:
+    """Forward and backward of ``fn(*args)`` w.r.t. every tensor in ``leaves``, fixed upstream gradient."""
+    upstream: list[torch.Tensor] = []
+
+    def call():
+        out = fn(*args)
+        if not upstream:
+            upstream.append(torch.ones_like(out))
+        return torch.autograd.grad(out, leaves, grad_outputs=upstream[0])
+    return call
+
+
+def auto_decisions(records: list[dict], device_name: str) -> list[str]:
+    """What :func:`mim_scale.ops.auto.wins` decides from this run's figures, beside what the table says now."""
+    from . import auto
+
+    lines = []
+    for op, direction in auto.MODEL_PASS.items():
+        recs = [r for r in records if r["kernel"] == op and r["direction"] == direction and "speedup_vs_eager" in r]
+        if not recs:
+            lines.append(f"auto {op}: no figure in this run")
+            continue
+        # an op measured at several shapes must win at every one
+        worst = min(recs, key=lambda r: r["speedup_vs_eager"])
+        fig = auto.Figure(direction, worst["speedup_vs_eager"], min(r.get("speedup_vs_compile", 0.0) for r in recs),
+                          "this run")
+        table = auto.MEASURED.get(device_name, {}).get(op)
+        lines.append(f"auto {op}: this run says {'on' if auto.wins(op, fig) else 'off'} ({direction} "
+                     f"x{fig.vs_eager:.2f} vs eager, x{fig.vs_compile:.2f} vs compile, worst shape); "
+                     f"table for {device_name!r}: {'on' if auto.wins(op, table) else 'off'}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,6 +290,8 @@ def run_kernels(dev: torch.device, z: Sizes, timer: Timer, compile_backend: str 
     compiled: dict[int, Callable] = {}
     for b in build_benches(dev, z, use_triton=True):
         rec: dict = {"kernel": b.name, "direction": b.direction, "useful_bytes": b.bytes, "ms": {}}
+        if b.shape:
+            rec["shape"] = b.shape
         for impl, fn in b.impls.items():
             rec["ms"][impl] = timer(fn)
         if compile_backend is not None and time.monotonic() < deadline:
@@ -248,7 +322,7 @@ def run_kernels(dev: torch.device, z: Sizes, timer: Timer, compile_backend: str 
 
 def _format_kernel(rec: dict) -> str:
     ms = rec["ms"]
-    parts = [f"{rec['kernel']:20s} {rec['direction']:8s}"]
+    parts = [f"{rec['kernel'] + (' ' + rec['shape'] if 'shape' in rec else ''):44s} {rec['direction']:8s}"]
     for impl in ("triton", "eager", "compile"):
         if impl in ms:
             frac = rec.get("frac_of_peak", {}).get(impl)
@@ -375,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps(result, indent=1))
 
     result["kernels"] = run_kernels(dev, sizes, timer, compile_backend, peak, start + args.budget_s, log)
+    result["auto_decisions"] = auto_decisions(result["kernels"], device_name)
+    for line in result["auto_decisions"]:
+        log(line)
     dump()
     status = 0
     if not args.no_e2e:

@@ -5,7 +5,7 @@ self-check (``python -m mim_scale.ops.parity --device cuda``: the same cases com
 Inputs are crops of a real CT volume (HU window [-1000, 1000] scaled to [0, 1]) when one is given, so the
 patches include the constant air regions where the normalisation is most sensitive.
 
-Each ``check_*`` calls the Triton path directly (:mod:`mim_scale.ops.triton_ops`), never the dispatcher, and
+Each ``check_*`` calls the op's Triton path directly (its file's ``fused``), never the dispatcher, and
 raises ``AssertionError`` naming the case and the worst error when a result differs beyond tolerance.
 """
 
@@ -193,6 +193,40 @@ VIEW_CASES_BIG = [
     ViewCase("big_crop192_p16_bf16", 2, 1, 192, 16, 4, 4, dtype="bfloat16"),
 ]
 
+
+
+@dataclass(frozen=True)
+class DWCase:
+    name: str
+    n: int
+    shape: tuple[int, int, int]  # D, H, W
+    c: int
+    k: int
+    keep: str | None = "random"  # random | all | none | None (dense: no mask)
+    dtype: str = "float32"
+    bias: bool = True
+
+
+# Tiny on purpose: the interpreter runs every tap of every program in Python (each case ~1-2 s on CPU).
+DW_CASES = [
+    DWCase("odd_5x6x7_c5_k3", 2, (5, 6, 7), 5, 3),
+    DWCase("k5_c3_4cube_none_masked", 1, (4, 4, 4), 3, 5, keep="none"),
+    DWCase("all_masked_c4", 1, (5, 3, 4), 4, 3, keep="all"),
+    DWCase("dense_no_bias_c2", 1, (3, 3, 3), 2, 3, keep=None, bias=False),
+    DWCase("bf16_c6", 2, (6, 5, 4), 6, 3, dtype="bfloat16"),
+    DWCase("wide_c40_two_channel_blocks", 1, (3, 4, 3), 40, 3),
+]
+# base's conv stages: 21 views, 48 ch at 48^3, 96 ch at 24^3 (k = 5), bf16 as under autocast
+DW_CASES_BIG = [
+    DWCase("big_base_stage1_bf16", 21, (48, 48, 48), 48, 5, dtype="bfloat16"),
+    DWCase("big_base_stage2_bf16", 21, (24, 24, 24), 96, 5, dtype="bfloat16"),
+    DWCase("big_stage2_fp32", 4, (24, 24, 24), 96, 5),
+]
+# Output and input gradient are stored in x's dtype: bf16 rounds each to 8 bits (<= 2^-8 of its value), so
+# they are checked within 1e-2 x max|reference|; fp32 within 1e-5. Weight and bias gradients are fp32 sums
+# over every voxel, in a different order than torch's: 1e-4 (1e-3 over the millions of voxels of the big cases).
+_DW_TOL = {"float32": 1e-5, "bfloat16": 1e-2}
+
 _TOL = {"float32": (2e-5, 2e-5), "bfloat16": (2e-2, 2e-2)}
 
 
@@ -203,8 +237,7 @@ _TOL = {"float32": (2e-5, 2e-5), "bfloat16": (2e-2, 2e-2)}
 
 def check_mse(case: MSECase, source: torch.Tensor, device: str = "cpu") -> dict:
     """Fused masked normalised-pixel MSE vs reference: loss and d(loss * g)/d(pred)."""
-    from . import _triton_kernels as K
-    from . import triton_ops
+    from . import loss as K
 
     dtype = getattr(torch, case.dtype)
     g = torch.Generator().manual_seed(_seed(case.name))
@@ -220,7 +253,7 @@ def check_mse(case: MSECase, source: torch.Tensor, device: str = "cpu") -> dict:
         K.MAX_PATCH_BLOCK = case.max_block
     try:
         pred = pred0.clone().requires_grad_(True)
-        got = triton_ops.masked_norm_pix_mse(pred, vol, mask, case.p)
+        got = K.fused(pred, vol, mask, case.p)
         (got * upstream).backward()
         got_grad = pred.grad
     finally:
@@ -245,7 +278,7 @@ def _ids(case: TokenCase, g: torch.Generator) -> torch.Tensor:
 
 def check_gather(case: TokenCase, device: str = "cpu") -> dict:
     """Visible-token gather vs reference: values exactly, gradient w.r.t. x (with repeated ids summed)."""
-    from . import triton_ops
+    from .gather import fused
 
     dtype = getattr(torch, case.dtype)
     g = torch.Generator().manual_seed(_seed(case.name))
@@ -253,7 +286,7 @@ def check_gather(case: TokenCase, device: str = "cpu") -> dict:
     ids = _ids(case, g).to(device)
     w = torch.randn((case.n, case.k, case.e), generator=g).to(device=device, dtype=dtype)
     x = x0.clone().requires_grad_(True)
-    got = triton_ops.gather_tokens(x, ids)
+    got = fused(x, ids)
     (got.float() * w.float()).sum().backward()
     xr = x0.clone().requires_grad_(True)
     want = R.gather_tokens(xr, ids)
@@ -265,7 +298,7 @@ def check_gather(case: TokenCase, device: str = "cpu") -> dict:
 
 def check_scatter(case: TokenCase, device: str = "cpu") -> dict:
     """Scatter with mask token vs reference: values exactly, gradients w.r.t. visible and the fill token."""
-    from . import triton_ops
+    from .scatter import fused
 
     if case.duplicates:
         raise ValueError(f"[{case.name}] scatter parity needs distinct ids (which duplicate lands is unspecified)")
@@ -276,7 +309,7 @@ def check_scatter(case: TokenCase, device: str = "cpu") -> dict:
     ids = _ids(case, g).to(device)
     w = torch.randn((case.n, case.length, case.e), generator=g).to(device=device, dtype=dtype)
     vis, fill = vis0.clone().requires_grad_(True), fill0.clone().requires_grad_(True)
-    got = triton_ops.scatter_tokens(vis, ids, fill, case.length)
+    got = fused(vis, ids, fill, case.length)
     (got.float() * w.float()).sum().backward()
     vr, fr = vis0.clone().requires_grad_(True), fill0.clone().requires_grad_(True)
     want = R.scatter_tokens(vr, ids, fr, case.length)
@@ -290,7 +323,7 @@ def check_scatter(case: TokenCase, device: str = "cpu") -> dict:
 
 def check_views(case: ViewCase, source: torch.Tensor, device: str = "cpu") -> dict:
     """Fused view construction vs reference.make_views, level by level."""
-    from . import triton_ops
+    from .views import fused
 
     dtype = getattr(torch, case.dtype)
     g = torch.Generator().manual_seed(_seed(case.name))
@@ -305,12 +338,59 @@ def check_views(case: ViewCase, source: torch.Tensor, device: str = "cpu") -> di
     if case.mask is not None:
         rows = (case.n, case.n * case.k2, case.n * case.k2 * case.k3)
         masks = tuple(_mask(case.mask, r, length, g).to(device) for r in rows)
-    got = triton_ops.make_views(crop, octants, picks, case.p, masks)
+    got = fused(crop, octants, picks, case.p, masks)
     want = R.make_views(crop, octants, picks, case.p, masks)
     atol, rtol = _TOL[case.dtype]
     out = {}
     for level, (a, b) in enumerate(zip(got, want), start=1):
         out[f"err_level{level}"] = _assert_close(case.name, f"level-{level} views", a, b, atol, 0.0)
+    return out
+
+
+def dw_inputs(case: DWCase, source: torch.Tensor, device: str = "cpu"):
+    """x (N, D, H, W, C) channels-last cut from the CT, keep (N, D, H, W, 1) or None, weight, bias."""
+    dtype = getattr(torch, case.dtype)
+    g = torch.Generator().manual_seed(_seed(case.name))
+    x = crops(source, case.n, case.c, case.shape, seed=_seed(case.name) % 1000)
+    x = (x - 0.5).permute(0, 2, 3, 4, 1).contiguous().to(device=device, dtype=dtype)  # centred, like pw1's output
+    keep = None
+    if case.keep == "random":
+        keep = (torch.rand((case.n, *case.shape, 1), generator=g) < 0.4).float()  # MiM keeps ~40 % of level 1
+    elif case.keep in ("all", "none"):  # all masked: keep nothing; none masked: keep everything
+        keep = torch.full((case.n, *case.shape, 1), 0.0 if case.keep == "all" else 1.0)
+    keep = None if keep is None else keep.to(device)
+    weight = (torch.randn((case.c, 1, case.k, case.k, case.k), generator=g) / case.k**1.5).to(device)
+    bias = torch.randn((case.c,), generator=g).to(device) if case.bias else None
+    return x, keep, weight, bias
+
+
+def check_depthwise(case: DWCase, source: torch.Tensor, device: str = "cpu") -> dict:
+    """Fused masked depthwise conv vs its reference (fp64 on the same inputs): output, and gradients w.r.t.
+    x, weight and bias."""
+    from . import depthwise as DW
+
+    x0, keep, w0, b0 = dw_inputs(case, source, device)
+    g = torch.Generator().manual_seed(_seed(case.name) + 1)
+    upstream = torch.randn(x0.shape, generator=g).to(device=device, dtype=x0.dtype)
+    x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    b = None if b0 is None else b0.clone().requires_grad_(True)
+    got = DW.fused(x, keep, w, b)
+    (got.float() * upstream.float()).sum().backward()
+    xr, wr = x0.double().requires_grad_(True), w0.double().requires_grad_(True)
+    br = None if b0 is None else b0.double().requires_grad_(True)
+    want = DW.reference(xr, None if keep is None else keep.double(), wr, br)
+    (want * upstream.double()).sum().backward()
+    if got.dtype != x0.dtype:
+        raise AssertionError(f"[{case.name}] output dtype {got.dtype} != input dtype {x0.dtype}")
+    tol = _DW_TOL[case.dtype]
+    gtol = 1e-3 if case.n * math.prod(case.shape) > 100_000 else 1e-4
+    out = {"err_out": _assert_close(case.name, "output", got.double(), want, 0.0, tol),
+           "err_grad_x": _assert_close(case.name, "grad x", x.grad.double(), xr.grad, 0.0, tol),
+           "err_grad_w": _assert_close(case.name, "grad weight", w.grad.double(), wr.grad, 1e-6, gtol)}
+    if b is not None:
+        out["err_grad_b"] = _assert_close(case.name, "grad bias", b.grad.double(), br.grad, 1e-6, gtol)
+    if case.keep == "all" and float(x.grad.abs().max()) != 0.0:
+        raise AssertionError(f"[{case.name}] everything masked, yet a non-zero input gradient")
     return out
 
 
@@ -327,6 +407,8 @@ def run_all(device: str, source: torch.Tensor, big: bool) -> list[dict]:
     plan += [("scatter", c, lambda c: check_scatter(c, device)) for c in tokens if not c.duplicates]
     plan += [("views", c, lambda c: check_views(c, source, device))
              for c in VIEW_CASES + (VIEW_CASES_BIG if big else [])]
+    plan += [("depthwise", c, lambda c: check_depthwise(c, source, device))
+             for c in DW_CASES + (DW_CASES_BIG if big else [])]
     records = []
     for kernel, case, fn in plan:
         t0 = time.perf_counter()
@@ -340,7 +422,7 @@ def run_all(device: str, source: torch.Tensor, big: bool) -> list[dict]:
         status = "ok  " if rec["ok"] else "FAIL"
         detail = rec.get("error") or ", ".join(f"{k}={v:.2e}" for k, v in rec.items()
                                                if k.startswith("err_") and isinstance(v, float))
-        print(f"{status} {kernel:8s} {case.name:28s} {rec['seconds']:7.2f}s  {detail}", flush=True)
+        print(f"{status} {kernel:9s} {case.name:28s} {rec['seconds']:7.2f}s  {detail}", flush=True)
     return records
 
 

@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from mim_scale import ops
 from mim_scale.config import MaskingConfig, ModelConfig
 
 
@@ -81,12 +81,6 @@ def random_mask(n: int, length: int, keep: int, device, generator: torch.Generat
     mask = torch.ones(n, length, device=device)
     mask.scatter_(1, ids_keep, 0.0)
     return ids_keep, mask
-
-
-def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(N, C, D, H, W) -> view (N, C, D/b, b, H/b, b, W/b, b)."""
-    n, c, d, h, w = x.shape
-    return x.view(n, c, d // block, block, h // block, block, w // block, block)
 
 
 @dataclass
@@ -154,7 +148,13 @@ def make_views(crops: torch.Tensor, model: ModelConfig, masking: MaskingConfig,
     crops = crops.contiguous()
     arange_b = torch.arange(b, device=dev)
 
-    x1 = F.interpolate(crops, size=(v, v, v), mode="trilinear", align_corners=False)
+    # Every view's voxels come from one call (mim_scale.ops: the fused view kernel where `auto` enables it,
+    # the torch reference otherwise); the index bookkeeping below stays here.
+    empty = torch.zeros((b, 0), dtype=torch.long, device=dev)
+    octants = draw.octants if masking.levels >= 2 else empty
+    picks = (draw.token3.view(b, octants.shape[1], -1) if masking.levels >= 3
+             else torch.zeros((b, octants.shape[1], 0), dtype=torch.long, device=dev))
+    x1, x2, x3 = ops.make_views(crops, octants, picks, p)
     if masking.levels == 1:
         return [LevelViews(1, x1, _mask_from_ids(draw.ids1, length), draw.ids1, arange_b)]
 
@@ -167,8 +167,6 @@ def make_views(crops: torch.Tensor, model: ModelConfig, masking: MaskingConfig,
 
     # level 2: the masked octants at full resolution
     bi = arange_b[:, None].expand(b, k)
-    od, oh, ow = oct_masked // 4, (oct_masked // 2) % 2, oct_masked % 2
-    x2 = _blocks(crops, v)[bi, :, od, :, oh, :, ow, :].reshape(b * k, c, v, v, v)
     n2 = b * k
     levels.append(LevelViews(2, x2, _mask_from_ids(draw.ids2, length), draw.ids2, bi.reshape(-1),
                              parent=bi.reshape(-1), octant=oct_masked.reshape(-1)))
@@ -177,12 +175,7 @@ def make_views(crops: torch.Tensor, model: ModelConfig, masking: MaskingConfig,
 
     # level 3: masked level-2 patches, upsampled to full view size
     token = draw.token3
-    picks = token.shape[1]
-    ni = torch.arange(n2, device=dev)[:, None].expand(n2, picks)
-    td, th, tw = token // (g * g), (token // g) % g, token % g
-    patches = _blocks(x2, p)[ni, :, td, :, th, :, tw, :].reshape(n2 * picks, c, p, p, p)
-    x3 = F.interpolate(patches, size=(v, v, v), mode="trilinear", align_corners=False)
-    parent3 = ni.reshape(-1)
+    parent3 = torch.arange(n2, device=dev).repeat_interleave(token.shape[1])
     levels.append(LevelViews(3, x3, _mask_from_ids(draw.ids3, length), draw.ids3, levels[1].crop_index[parent3],
                              parent=parent3, token=token.reshape(-1)))
     return levels

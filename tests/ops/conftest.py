@@ -1,7 +1,7 @@
 """Fixtures for the ops tests: the real sample CT as a [0, 1] volume to cut crops from.
 
 The Triton kernels run on CPU tensors through Triton's interpreter, chosen per call by
-``mim_scale.ops._triton_kernels`` (it jits each kernel with ``TRITON_INTERPRET=1`` set just for that),
+``mim_scale.ops._triton.Kernels`` (it jits each kernel with ``TRITON_INTERPRET=1`` set just for that),
 so nothing here has to set the environment before triton is imported, and other test folders in the
 same pytest process are unaffected.
 """

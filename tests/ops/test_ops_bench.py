@@ -20,7 +20,9 @@ def test_dry_run_times_every_kernel_and_the_step(tmp_path):
     seen = {(r["kernel"], r["direction"]) for r in res["kernels"]}
     assert seen == {("masked_norm_pix_mse", "fwd"), ("masked_norm_pix_mse", "fwd+bwd"), ("gather_tokens", "fwd"),
                     ("gather_tokens", "fwd+bwd"), ("scatter_tokens", "fwd"), ("scatter_tokens", "fwd+bwd"),
-                    ("make_views", "fwd")}
+                    ("make_views", "fwd"), ("masked_depthwise_conv3d", "fwd"),
+                    ("masked_depthwise_conv3d", "fwd+bwd")}
+    assert len(res["auto_decisions"]) == len(ops.auto.MODEL_PASS)
     for r in res["kernels"]:
         assert set(r["ms"]) == {"triton", "eager", "compile"}, r
         assert all(v > 0 for v in r["ms"].values()) and r["useful_bytes"] > 0

@@ -25,8 +25,7 @@ def _inputs(ct_source, n=2, size=16, p=4):
 @pytest.mark.parametrize("name", ops.FUSED_OPS)
 def test_signatures_match_the_reference(name):
     assert inspect.signature(getattr(ops, name)) == inspect.signature(getattr(R, name))
-    if ops.triton_available():
-        assert inspect.signature(getattr(ops.triton_ops, name)) == inspect.signature(getattr(R, name))
+    assert inspect.signature(ops.OP_MODULES[name].fused) == inspect.signature(getattr(R, name))
 
 
 def test_cpu_tensors_take_the_reference_by_default(ct_source):
@@ -73,26 +72,26 @@ def test_target_that_needs_grad_goes_to_the_reference(ct_source):
     assert ops.calls[("masked_norm_pix_mse", "reference")] == 1
     assert vol.grad is not None and vol.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="vol requires grad"):
-        ops.triton_ops.masked_norm_pix_mse(pred, vol, mask, 4)
+        ops.loss.fused(pred, vol, mask, 4)
 
 
 @pytest.mark.skipif(not ops.triton_available(), reason="needs triton")
 def test_kernel_paths_reject_bad_shapes_and_ids(ct_source):
     pred, vol, mask = _inputs(ct_source)
     with pytest.raises(ValueError, match=r"pred must be \(N, L, p\^3\*C\)"):
-        ops.triton_ops.masked_norm_pix_mse(pred[:, :10], vol, mask, 4)
+        ops.loss.fused(pred[:, :10], vol, mask, 4)
     with pytest.raises(ValueError, match="not divisible by patch size 5"):
-        ops.triton_ops.masked_norm_pix_mse(pred, vol, mask, 5)
+        ops.loss.fused(pred, vol, mask, 5)
     with pytest.raises(ValueError, match="mask must be"):
-        ops.triton_ops.masked_norm_pix_mse(pred, vol, mask[:, :3], 4)
+        ops.loss.fused(pred, vol, mask[:, :3], 4)
     with pytest.raises(ValueError, match=r"gather_tokens ids must lie in \[0, 64\)"):
-        ops.triton_ops.gather_tokens(pred, torch.tensor([[0, 64], [1, 2]]))
+        ops.gather.fused(pred, torch.tensor([[0, 64], [1, 2]]))
     with pytest.raises(ValueError, match="make_views octants must lie in"):
         crop = parity.crops(ct_source, 1, 1, (16, 16, 16), seed=0)
-        ops.triton_ops.make_views(crop, torch.tensor([[8]]), torch.zeros((1, 1, 1), dtype=torch.long), 4)
+        ops.views.fused(crop, torch.tensor([[8]]), torch.zeros((1, 1, 1), dtype=torch.long), 4)
     with pytest.raises(ValueError, match="level-2 mask must be"):
         crop = parity.crops(ct_source, 1, 1, (16, 16, 16), seed=0)
-        ops.triton_ops.make_views(crop, torch.tensor([[1]]), torch.zeros((1, 1, 1), dtype=torch.long), 4,
+        ops.views.fused(crop, torch.tensor([[1]]), torch.zeros((1, 1, 1), dtype=torch.long), 4,
                                   (torch.zeros(1, 8), torch.zeros(2, 8), torch.zeros(1, 8)))
 
 

@@ -20,9 +20,9 @@ def test_fused_views_equal_the_model_views(ct_source):
     draw = model_views.draw_masks(1, cfg.model, cfg.masking, None, torch.Generator().manual_seed(0))
     levels = model_views.make_views(crops, cfg.model, cfg.masking, draw=draw)
     b, k = draw.octants.shape
-    from mim_scale.ops import triton_ops
+    from mim_scale.ops import views
 
-    fused = triton_ops.make_views(crops, draw.octants, draw.token3.view(b, k, -1), cfg.model.patch_size)
+    fused = views.fused(crops, draw.octants, draw.token3.view(b, k, -1), cfg.model.patch_size)
     assert len(levels) == 3
     for got, lv in zip(fused, levels):
         assert got.shape == lv.x.shape
