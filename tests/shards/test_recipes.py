@@ -196,3 +196,11 @@ def test_a_layout_that_does_not_match_is_reported_not_guessed(replicas, tmp_path
     rep = build_shards([f"mine={folders['btcv']}"], tmp_path / "out2", workers=0, progress=False,
                        config=BuildConfig(spacing=SPACING))
     assert rep.num_samples == 2 and rep.rejected == {"duplicate_content": 1, "not_ct_intensity": 2}
+
+
+def test_docs_list_every_recipe_with_its_count_and_command():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "DATA.md").read_text()
+    for r in RECIPES.values():
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{r.name}` |")), "")
+        assert f"| {r.paper_set} | {r.paper_count} |" in row, r.name
+        assert f"mim-scale shards build {r.name}=/data/" in text, r.name
