@@ -269,6 +269,7 @@ def load_itk(path: str, max_voxels: int = 1 << 30, limits: Any = None) -> Volume
     import SimpleITK as sitk
 
     hdr = read_header(path)
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warnings quote file paths; logs must not
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     reader.SetImageIO("MetaImageIO" if hdr.kind == "metaimage" else "NrrdImageIO")

@@ -109,6 +109,35 @@ def test_new_formats_go_through_the_builder_beside_the_originals(dicom_reference
     assert sum(rep.found.values()) == 1 + len(files)
 
 
+def test_nrrd_in_ras_space_and_metaimage_rescale_build_like_the_plain_file(small_ct, tmp_path):
+    """NRRD ``space: right-anterior-superior`` (3D Slicer) is the same grid as its LPS spelling; a MetaImage
+    stored as half-HU with ``ElementToIntensityFunctionSlope = 2`` (which ITK itself ignores) gives HU."""
+    vol = small_ct[:16]
+    plain = write_itk(vol, tmp_path / "lps" / "v.nhdr")
+    ras = tmp_path / "ras" / "v.nhdr"
+    ras.parent.mkdir()
+    shutil.copy(plain.with_suffix(".raw"), ras.with_suffix(".raw"))
+    text = plain.read_text()
+    for old, new in (("space: left-posterior-superior", "space: right-anterior-superior"),
+                     ("space directions: (6,0,0) (0,6,0) (0,0,6)", "space directions: (-6,0,0) (0,-6,0) (0,0,6)"),
+                     ("space origin: (10,-20,-300)", "space origin: (-10,20,-300)")):
+        assert old in text, old
+        text = text.replace(old, new)
+    ras.write_text(text)
+    ref_arr, ref_meta = _build("nrrd", (str(plain),))
+    arr, meta = _build("nrrd", (str(ras),))
+    np.testing.assert_array_equal(arr, ref_arr)
+    assert meta["affine_ras"] == ref_meta["affine_ras"]
+
+    even = write_itk((vol // 2 * 2).astype(np.int16), tmp_path / "even" / "v.mhd")
+    half = write_itk((vol // 2).astype(np.int16), tmp_path / "half" / "v.mhd")
+    _edit_header(half, "ElementType", "ElementToIntensityFunctionSlope = 2\nElementToIntensityFunctionOffset = 0\nElementType")
+    ref2, _ = _build("metaimage", (str(even),))
+    arr2, meta2 = _build("metaimage", (str(half),))
+    np.testing.assert_array_equal(arr2, ref2)
+    assert meta2["affine_ras"] == ref_meta["affine_ras"]
+
+
 # ---------------------------------------------------------------- bad inputs
 
 
