@@ -104,30 +104,42 @@ def inflate_capped(f: BinaryIO, cap: int) -> tuple[bytes, bool, bool]:
     return b"".join(parts), False, d.eof
 
 
+_HEADER_INFLATE_FIRST = 1 << 16
+
+
 def _read_deflated(f: BinaryIO, path: str, stop_before_pixels: bool, cap: int, defer: str | None) -> pydicom.Dataset:
     """Parse a Deflated Explicit VR Little Endian file whose preamble and file meta ``f`` has just read,
-    inflating at most ``cap`` bytes (a header read needs the bytes up to the pixel data only)."""
-    data, over, ended = inflate_capped(f, cap)
-    if over and not stop_before_pixels:
-        raise InputRejected("too_large", f"Deflated data inflates beyond {format_bytes(cap)} (header cap + declared "
-                                         "pixel data): refused before it is read", path)
-    if not over and not ended and not stop_before_pixels:
-        raise InputRejected("truncated", "the deflate stream ends early", path)
-    reached_pixels = []
+    inflating at most ``cap`` bytes. A header read inflates 64 KiB first and 4x more each time the pixel
+    data is not reached yet, up to ``cap``: most headers need one step, none inflates more than it needs x 4."""
+    start = f.tell()
+    step = min(_HEADER_INFLATE_FIRST, cap) if stop_before_pixels else cap
+    while True:
+        f.seek(start)
+        data, over, ended = inflate_capped(f, step)
+        if not stop_before_pixels:
+            if over:
+                raise InputRejected("too_large", f"Deflated data inflates beyond {format_bytes(cap)} (header cap + "
+                                                 "declared pixel data): refused before it is read", path)
+            if not ended:
+                raise InputRejected("truncated", "the deflate stream ends early", path)
+        reached_pixels = []
 
-    def at_pixels(tag: Any, vr: Any, length: int) -> bool:
-        if int(tag) in _PIXEL_TAGS:
-            reached_pixels.append(True)
-            return True
-        return False
+        def at_pixels(tag: Any, vr: Any, length: int) -> bool:
+            if int(tag) in _PIXEL_TAGS:
+                reached_pixels.append(True)
+                return True
+            return False
 
-    buf = pydicom.filebase.DicomBytesIO(data)
-    del data
-    inner = pydicom.filereader.read_dataset(buf, False, True, stop_when=at_pixels if stop_before_pixels else None,
-                                            defer_size=defer)
-    if over and not reached_pixels:
-        raise InputRejected("too_large", f"DICOM header inflates beyond {format_bytes(cap)} before its pixel data", path)
-    return inner
+        buf = pydicom.filebase.DicomBytesIO(data)
+        del data
+        inner = pydicom.filereader.read_dataset(buf, False, True, stop_when=at_pixels if stop_before_pixels else None,
+                                                defer_size=defer)
+        if not over or reached_pixels:
+            return inner
+        if step >= cap:
+            raise InputRejected("too_large", f"DICOM header inflates beyond {format_bytes(cap)} before its pixel data",
+                                path)
+        step = min(4 * step, cap)
 
 
 def _read(path: str, stop_before_pixels: bool, limits: MemoryLimits | None = None,

@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from mim_scale.shards.rejects import InputRejected
 
 DEFAULT_WORKER_MEMORY_BYTES = 4 << 30
-# a worker process with numpy, scipy, pydicom, nibabel and the JPEG decoders imported, before any input:
-# ~250-330 MiB measured (README, ``membench``); the rest of the worker memory is the budget for one volume
+# the worker process itself: ~76 MiB resident with numpy, scipy, pydicom, nibabel imported (``membench``; a Ray
+# worker ~330 MiB, README), plus decoders loaded on first use and allocator slack (~80 MiB building the sample
+# series); the rest of the worker memory is the budget for one volume
 RESERVED_BYTES = 384 << 20
+MIN_WORKER_MEMORY_BYTES = RESERVED_BYTES + (16 << 20)
 # largest DICOM header (after inflation, pixel data excluded) or NIfTI header + extensions read before the
 # data; enhanced multi-frame CT with per-frame functional groups reaches a few MiB for thousands of frames
 HEADER_BYTES = 16 << 20
@@ -74,11 +76,9 @@ class MemoryLimits:
     worker_memory_bytes: int = DEFAULT_WORKER_MEMORY_BYTES
 
     def __post_init__(self) -> None:
-        if self.worker_memory_bytes < RESERVED_BYTES + (64 << 20):
-            raise ValueError(
-                f"worker memory {format_bytes(self.worker_memory_bytes)} is below the minimum "
-                f"{format_bytes(RESERVED_BYTES + (64 << 20))}"
-            )
+        if self.worker_memory_bytes < MIN_WORKER_MEMORY_BYTES:
+            raise ValueError(f"worker memory {format_bytes(self.worker_memory_bytes)} is below the minimum "
+                             f"{format_bytes(MIN_WORKER_MEMORY_BYTES)}")
 
     @property
     def budget_bytes(self) -> int:
