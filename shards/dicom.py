@@ -26,6 +26,8 @@ import pydicom
 import pydicom.config
 import pydicom.filebase
 import pydicom.filereader
+import pydicom.encaps
+import pydicom.pixels.utils
 from pydicom.errors import InvalidDicomError
 
 from mim_scale.shards import fileio
@@ -440,9 +442,55 @@ def _pixels(ds: pydicom.Dataset, source: str) -> np.ndarray:
         raise InputRejected("pixel_decode_failed", f"{type(exc).__name__}: {exc}"[:300], source) from exc
 
 
+_J2K_SYNTAXES = set(pydicom.uid.JPEG2000TransferSyntaxes)
+_JPEG_SYNTAXES = set(pydicom.uid.JPEGTransferSyntaxes) | set(pydicom.uid.JPEGLSTransferSyntaxes)
+
+
+def _codestream_size(frame: bytes, j2k: bool) -> tuple[int, int, int] | None:
+    """(rows, columns, components) a JPEG 2000 SIZ or JPEG / JPEG-LS SOF marker declares; None if unparsable."""
+    if j2k:
+        off = 0
+        if frame.startswith(b"\x00\x00\x00\x0cjP  "):  # JP2 boxes before the codestream
+            off = frame.find(b"\xff\x4f\xff\x51")
+            if off < 0:
+                return None
+        if frame[off:off + 4] != b"\xff\x4f\xff\x51" or len(frame) < off + 42:
+            return None
+        xsiz, ysiz, xo, yo = struct.unpack(">IIII", frame[off + 8:off + 24])
+        return ysiz - yo, xsiz - xo, struct.unpack(">H", frame[off + 40:off + 42])[0]
+    info = pydicom.pixels.utils._get_jpg_parameters(frame)
+    return (info["height"], info["width"], info["components"]) if "height" in info else None
+
+
+def check_codestreams(ds: pydicom.Dataset, path: str) -> None:
+    """Every compressed frame must declare the Rows x Columns x SamplesPerPixel of the header (already checked
+    against the caps): a JPEG 2000 / JPEG decoder allocates what its codestream says, before any check of ours."""
+    ts = ds.file_meta.get("TransferSyntaxUID", None)
+    if ts not in _J2K_SYNTAXES and ts not in _JPEG_SYNTAXES or "PixelData" not in ds:
+        return
+    want = (_int(ds.get("Rows", 0), 0), _int(ds.get("Columns", 0), 0), _int(ds.get("SamplesPerPixel", 1), 1))
+    frames = max(_int(ds.get("NumberOfFrames", 1), 1), 1)
+    try:
+        for i, frame in enumerate(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frames)):
+            got = _codestream_size(frame[:1 << 16], ts in _J2K_SYNTAXES)
+            if got is not None and got != want:
+                raise InputRejected("pixel_decode_failed", f"frame {i}: codestream declares {got[0]}x{got[1]}x{got[2]}"
+                                    f", the header {want[0]}x{want[1]}x{want[2]}: not decoded", path)
+    except InputRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken encapsulation is the decoder's to report
+        raise InputRejected("pixel_decode_failed", f"encapsulated pixel data: {type(exc).__name__}: {exc}"[:300], path) from exc
+
+
 def _full_read(path: str, headers: SeriesHeaders, limits: MemoryLimits) -> pydicom.Dataset:
-    return _read(path, stop_before_pixels=False, limits=limits,
-                 max_inflated_bytes=limits.max_inflated_bytes(headers.pixel_bytes[path]))
+    ds = _read(path, stop_before_pixels=False, limits=limits,
+               max_inflated_bytes=limits.max_inflated_bytes(headers.pixel_bytes[path]))
+    rows, cols, frames = headers.dims[path]
+    if (_int(ds.get("Rows", 0), 0), _int(ds.get("Columns", 0), 0), max(_int(ds.get("NumberOfFrames", 1), 1), 1)) != \
+            (rows, cols, frames):
+        raise InputRejected("pixel_decode_failed", "Rows/Columns/NumberOfFrames changed since the header was read", path)
+    check_codestreams(ds, path)
+    return ds
 
 
 def _check_decoded(pix: np.ndarray, declared: tuple[int, int, int], path: str) -> None:

@@ -111,3 +111,31 @@ def test_worker_memory_is_validated():
 
     with pytest.raises(UserFacingError, match="worker-memory"):
         BuildConfig(worker_memory_bytes=1 << 20)
+
+
+def test_a_jpeg2000_codestream_larger_than_its_header_is_not_decoded(ct_dir, tmp_path, monkeypatch):
+    """A real J2K slice whose codestream SIZ says 60000x60000 (the decoder would allocate that): refused before
+    any decoder runs, naming both sizes."""
+    files = sorted((ct_dir / "abdomen_dicom").iterdir())[:5]
+    dst = tmp_path / "series"
+    dst.mkdir()
+    for k, src in enumerate(files):
+        data = bytearray(src.read_bytes())
+        if k == 3:
+            siz = data.index(b"\xff\x4f\xff\x51")
+            data[siz + 8:siz + 16] = (60000).to_bytes(4, "big") * 2  # Xsiz, Ysiz
+        (dst / src.name).write_bytes(bytes(data))
+
+    bomb = str(sorted(dst.iterdir())[3])
+    real_pixel_array = pydicom.Dataset.pixel_array
+
+    def guarded(self):
+        assert getattr(self, "filename", None) != bomb, "the decoder ran on the bomb"
+        return real_pixel_array.fget(self)
+
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(guarded))
+    with pytest.raises(Exception) as exc:
+        dicom.load_series([str(p) for p in sorted(dst.iterdir())])
+    assert getattr(exc.value, "reason", None) == "pixel_decode_failed"
+    assert "codestream declares 60000x60000x1, the header 512x512x1" in exc.value.detail
+    assert exc.value.source == bomb
