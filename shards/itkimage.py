@@ -301,7 +301,8 @@ def load_itk(path: str, max_voxels: int = 1 << 30, limits: Any = None) -> Volume
     arr = sitk.GetArrayViewFromImage(img)
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise InputRejected("unsupported_data_type", f"pixel type {img.GetPixelIDTypeAsString()}", path)
-    data = np.asarray(arr, dtype=np.float32).reshape(size[::-1])  # a copy: the ITK image is freed below
+    # always a copy (np.array, not np.asarray: a float32 view would alias the ITK buffer freed below)
+    data = np.array(arr, dtype=np.float32, copy=True).reshape(size[::-1])
     spacing = np.asarray(img.GetSpacing()[:3], dtype=np.float64)
     origin = np.asarray(img.GetOrigin()[:3], dtype=np.float64)
     ndim = img.GetDimension()

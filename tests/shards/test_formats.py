@@ -138,6 +138,21 @@ def test_nrrd_in_ras_space_and_metaimage_rescale_build_like_the_plain_file(small
     assert meta2["affine_ras"] == ref_meta["affine_ras"]
 
 
+@pytest.mark.parametrize("suffix, dtype, offset", [
+    (".nrrd", np.float32, 0), (".mha", np.float64, 0), (".nhdr", np.int32, 0), (".mhd", np.uint16, -1024)])
+def test_integer_and_float_voxel_types_give_the_same_hu(small_ct, tmp_path, suffix, dtype, offset):
+    """The same real-CT HU stored as float32 / float64 / int32, or as unsigned with an intensity offset (as
+    scanners store CT), builds exactly like the int16 file."""
+    vol = small_ct[:16]
+    ref, ref_meta = _build("metaimage", (str(write_itk(vol, tmp_path / "ref" / "v.mha")),))
+    path = write_itk((vol.astype(np.int32) - offset).astype(dtype), tmp_path / "typed" / f"v{suffix}")
+    if offset:
+        _edit_header(path, "ElementType", f"ElementToIntensityFunctionOffset = {offset}\nElementType")
+    arr, meta = _build(itkimage.image_kind(path), (str(path),))
+    np.testing.assert_array_equal(arr, ref)
+    assert meta["affine_ras"] == ref_meta["affine_ras"]
+
+
 # ---------------------------------------------------------------- bad inputs
 
 
