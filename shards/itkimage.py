@@ -19,6 +19,7 @@ yet canonical. Values are taken as stored; MetaImage's ``ElementToIntensityFunct
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -288,7 +289,7 @@ def load_itk(path: str, max_voxels: int = 1 << 30, limits: Any = None) -> Volume
         size = size[:3]
     if len(size) != 3 or min(size) < 2:
         raise InputRejected("not_3d", f"size {tuple(reader.GetSize())}", path)
-    voxels = int(np.prod(size, dtype=np.int64))
+    voxels = math.prod(size)  # Python ints: a hostile size cannot wrap around
     if voxels > max_voxels:
         raise InputRejected("too_large", f"size {size} exceeds {max_voxels} voxels", path)
     if limits is not None:

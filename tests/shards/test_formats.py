@@ -234,6 +234,9 @@ def _bad_corpus(root: Path, vol: np.ndarray) -> dict[str, str]:
     h, _ = _mhd(root / "huge", vol)
     _edit_header(h, f"DimSize = {w} {hh} {d}", "DimSize = 100000 100000 100000")
     bad["huge"] = "too_large"
+    h, _ = _mhd(root / "wraps_int64", vol)  # 2^31 per axis as ITK reads it: the product overflows an int64
+    _edit_header(h, f"DimSize = {w} {hh} {d}", "DimSize = 4294967296 4294967296 4294967296")
+    bad["wraps_int64"] = "too_large"
     (root / "endless").mkdir()
     (root / "endless" / "v.mha").write_text("ObjectType = Image\n" + "Comment = x\n" * 8000)
     bad["endless"] = "bad_header"
