@@ -372,7 +372,13 @@ def read_headers(files: list[str], limits: MemoryLimits | None = None, screening
                 out.face_bearing = face_bearing(ds)
     # a multi-frame file holds its encoded bytes, the PixelData value and the decoded frames at once
     copies = 3 if len(files) == 1 and out.dims[files[0]][2] > 1 else 1
-    limits.check_source((out.voxels,), out.stored_itemsize * copies, source)
+    sizes = {(r, c) for r, c, _ in out.dims.values()}
+    frames = sum(f for _, _, f in out.dims.values())
+    if len(sizes) == 1:  # (D, H, W) when the files agree
+        limits.check_source((frames, *sizes.pop()), out.stored_itemsize * copies, source)
+    else:  # name the file that declares the most
+        largest = max(out.pixel_bytes, key=out.pixel_bytes.__getitem__)
+        limits.check_source((out.voxels,), out.stored_itemsize * copies, largest)
     return out
 
 
