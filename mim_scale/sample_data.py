@@ -403,26 +403,37 @@ def _total_class_map(source: str) -> dict[str, str]:
     raise UserFacingError("map_to_binary.py in the archive has no class_map literal")
 
 
-def write_finetune_dataset(ct_dir: Path, out_dir: Path) -> Path:
-    """A Decathlon-style ``dataset.json`` on the sample CT: train on the abdomen/pelvis volume, validate
-    on the DICOM series (assembled to NIfTI by the shard builder's own reader). Returns its path."""
+def series_to_nifti(dicom_dir: Path, out: Path) -> Path:
+    """Assemble a DICOM series with the shard builder's own reader and write it as int16 NIfTI (RAS affine).
+
+    Written through a temporary file and renamed, so a crash leaves no half file at ``out``. Returns ``out``.
+    """
     import nibabel as nib
     import numpy as np
 
     from mim_scale.shards.dicom import list_files, load_series
     from mim_scale.shards.format import affine_ras
 
+    out = Path(out)
+    if out.is_file():
+        return out
+    vol = load_series(list_files(Path(dicom_dir)))
+    img = nib.Nifti1Image(np.ascontiguousarray(vol.array.transpose(2, 1, 0)).astype(np.int16),
+                          np.asarray(affine_ras(vol.spacing, vol.origin, vol.direction)))
+    img.header.set_xyzt_units("mm")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.nii.gz")
+    nib.save(img, str(tmp))
+    tmp.replace(out)
+    return out
+
+
+def write_finetune_dataset(ct_dir: Path, out_dir: Path) -> Path:
+    """A Decathlon-style ``dataset.json`` on the sample CT: train on the abdomen/pelvis volume, validate
+    on the DICOM series (assembled to NIfTI by the shard builder's own reader). Returns its path."""
     ct_dir, out_dir = Path(ct_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    series = out_dir / "abdomen_dicom.nii.gz"
-    if not series.is_file():
-        vol = load_series(list_files(ct_dir / "abdomen_dicom"))
-        img = nib.Nifti1Image(np.ascontiguousarray(vol.array.transpose(2, 1, 0)).astype(np.int16),
-                              np.asarray(affine_ras(vol.spacing, vol.origin, vol.direction)))
-        img.header.set_xyzt_units("mm")
-        tmp = out_dir / ".abdomen_dicom.tmp.nii.gz"
-        nib.save(img, str(tmp))
-        tmp.replace(series)
+    series = series_to_nifti(ct_dir / "abdomen_dicom", out_dir / "abdomen_dicom.nii.gz")
     tree = {
         "name": "mim-scale sample CT",
         "description": "train: non-contrast abdomen/pelvis CT (3 mm); validation: contrast upper-abdomen "

@@ -37,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="With --run: validate a finished fine-tuning run. With --init (repeatable): fine-tune every "
                     "init plus scratch with the same recipe and step budget, and report the gains over scratch.")
     e.add_argument("--run", default=None, help="a finished `mim-scale finetune` run folder")
+    e.add_argument("--protocol", default=None,
+                   help="a downstream protocol TOML (arms x seeds: pre-train at equal FLOPs, export, fine-tune, probe; "
+                        "see mim_scale/finetune/protocol.py); --out is its JSON report (PNG beside it), --work its "
+                        "resumable run folder")
     e.add_argument("--init", action="append", default=[], help="exported encoder or 'scratch' (repeatable)")
     e.add_argument("--no-scratch", action="store_true", help="with --init: do not add a scratch baseline")
     e.add_argument("--data", default=None, help="dataset JSON/CSV (default with --run: the run's own)")
@@ -75,8 +79,16 @@ def _evaluate(args) -> int:
 
     from mim_scale.finetune.evaluate import compare_inits, evaluate_run
 
-    if bool(args.run) == bool(args.init):
-        raise UserFacingError("give either --run RUN_DIR (evaluate a fine-tuned run) or --init (compare inits)")
+    if sum(map(bool, (args.run, args.init, args.protocol))) != 1:
+        raise UserFacingError("give one of --run RUN_DIR (evaluate a fine-tuned run), --init (compare inits) or "
+                              "--protocol FILE (the downstream protocol)")
+    if args.protocol:
+        from mim_scale.finetune.protocol import run_protocol
+
+        command = "mim-scale evaluate --protocol {} --out {}".format(args.protocol, args.out) + (
+            f" --work {args.work}" if args.work else "")
+        run_protocol(args.protocol, args.out, work=args.work, command=command, log=_log)
+        return 0
     if args.run:
         evaluate_run(args.run, data=args.data, out=args.out, log=_log)
         return 0
