@@ -5,12 +5,12 @@ volumes; every distractor is reported with its reason; a tree that does not matc
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -149,9 +149,6 @@ def built(replicas, tmp_path_factory):
     out = tmp_path_factory.mktemp("built") / "out"
     args = ["shards", "build", *[f"{k}={v}" for k, v in folders.items()], "--out", str(out), "--workers", "0",
             "--spacing", str(SPACING), "--no-progress"]
-    import contextlib
-    import io
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert cli.main(args) == 0
