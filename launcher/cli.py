@@ -57,6 +57,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     if not cfg.data.shards:
         raise UserFacingError("no shards given: set data.shards in the config or pass --set data.shards=PATH "
                               "(a manifest.json or the folder holding it; build one with `mim-scale shards build`)")
+    from mim_scale.plan import format_plan, make_plan
+
+    print(format_plan(make_plan(cfg)), flush=True)  # the recipe every worker resolves again (RUN/recipe.json)
     init = Path(args.init) if args.init else None
     result = pretrain(cfg, init=init, fault=args.fault, env=dict(args.env))
     print(json.dumps({"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint) if result.checkpoint else None,

@@ -42,9 +42,10 @@ mim_corrupt_samples_skipped_total{reason}   counter    samples skipped because t
 mim_loader_volumes_total                    counter    volumes decoded by DataLoader worker processes
 mim_loader_read_bytes_total                 counter    bytes read by DataLoader worker processes
 mim_device_memory_peak_bytes                gauge      CUDA max allocated bytes, or the process's peak RSS on CPU
-mim_validation_loss{level="1"|"2"|"3"}      gauge      masked reconstruction loss per level on the run's fixed
-                                                       validation set (train.validate_every; same on every rank)
-mim_validation_alignment_loss{level=...}    gauge      alignment loss on that set, per level pair
+mim_validation_loss{level="1"|"2"|"3",      gauge      masked reconstruction loss per level on the run's fixed
+  set="held-out"|"seen"}                               validation set (train.validate_every; same on every rank);
+                                                       held-out = volumes never trained on (data.validation_shards)
+mim_validation_alignment_loss{level=,set=}  gauge      alignment loss on that set, per level pair
 mim_validation_step                         gauge      step of the last validation
 ==========================================  =========  ==========================================================
 
@@ -407,10 +408,10 @@ class TrainMetrics:
         self._loader_volumes = counter("mim_loader_volumes", "Volumes decoded by DataLoader worker processes.")
         self._loader_bytes = counter("mim_loader_read_bytes", "Bytes read by DataLoader worker processes.")
         self._memory = gauge("mim_device_memory_peak_bytes", "CUDA max allocated bytes, or peak process RSS on CPU.")
-        self._val_loss = gauge("mim_validation_loss", "Masked reconstruction loss per level on the run's fixed validation set.",
-                               ("level",))
-        self._val_align = gauge("mim_validation_alignment_loss", "Alignment loss on the fixed validation set; level holds the pair.",
-                                ("level",))
+        self._val_loss = gauge("mim_validation_loss", "Masked reconstruction loss per level on the run's fixed validation "
+                               "set; set is held-out (volumes never trained on) or seen.", ("level", "set"))
+        self._val_align = gauge("mim_validation_alignment_loss", "Alignment loss on the fixed validation set; level holds "
+                                "the pair; set is held-out or seen.", ("level", "set"))
         self._val_step = gauge("mim_validation_step", "Step of the last validation.")
 
         self._lv = {"run": run, "rank": str(rank)}
@@ -526,16 +527,17 @@ class TrainMetrics:
         if self.loader_channel is not None:
             self.drain_loader(self.loader_channel)
 
-    def record_validation(self, step: int, losses: Mapping[str, float]) -> None:
+    def record_validation(self, step: int, losses: Mapping[str, float], source: str = "seen") -> None:
         """Record the validation losses of ``step``: ``{"val_rec_l1": x, ..., "val_align_12": y, ...}``
-        (the keys :func:`mim_scale.model.validation.validation_losses` returns; others are ignored)."""
+        (the keys :func:`mim_scale.model.validation.validation_losses` returns; others are ignored). ``source``:
+        "held-out" (volumes never trained on) or "seen" (crops of training volumes), the ``set`` label."""
         lv = self._lv
         for key, value in losses.items():
             name = key[4:] if key.startswith("val_") else key
             if name in REC_LOSS_LEVELS:
-                self._val_loss.labels(level=REC_LOSS_LEVELS[name], **lv).set(float(value))
+                self._val_loss.labels(level=REC_LOSS_LEVELS[name], set=source, **lv).set(float(value))
             elif name in ALIGN_LOSS_PAIRS:
-                self._val_align.labels(level=ALIGN_LOSS_PAIRS[name], **lv).set(float(value))
+                self._val_align.labels(level=ALIGN_LOSS_PAIRS[name], set=source, **lv).set(float(value))
         self._val_step.labels(**lv).set(step)
 
     def record_checkpoint(self, seconds: float, nbytes: int) -> None:

@@ -36,7 +36,7 @@ def run_quickstart(out: Path, *, source: Path | None = None, steps: int = 16, wo
     from mim_scale.export import export_run, load_encoder
     from mim_scale.launcher.ray_train import pretrain
     from mim_scale.sample_data import ensure_sample_data, write_finetune_dataset
-    from mim_scale.shards.builder import build_shards
+    from mim_scale.shards.holdout import build_with_holdout
     from mim_scale.shards.inputs import InputSpec
 
     out = Path(out).resolve()
@@ -51,17 +51,20 @@ def run_quickstart(out: Path, *, source: Path | None = None, steps: int = 16, wo
     artefacts["sample_ct"] = ct
     print(f"   {ct}")
 
-    _say(2, "shards (DICOM series + NIfTI volume -> HU, 1.5 mm, int16 WebDataset tars)")
+    _say(2, "shards (NIfTI volume to train on, DICOM series held out for validation -> HU, 1.5 mm, int16 tars)")
     shards = out / "shards"
-    report = build_shards([InputSpec(path=ct / "abdomen_dicom", dataset="abdomen-dicom"),
-                           InputSpec(path=ct / "abdomen_pelvis_ct.nii.gz", dataset="abdomen-pelvis")],
-                          shards, spacing=1.5, workers=0, progress=False)
+    report, held = build_with_holdout([InputSpec(path=ct / "abdomen_dicom", dataset="abdomen-dicom"),
+                                       InputSpec(path=ct / "abdomen_pelvis_ct.nii.gz", dataset="abdomen-pelvis")],
+                                      shards, holdout_list={str(ct / "abdomen_dicom")}, spacing=1.5, workers=0,
+                                      progress=False)
     artefacts["shards"] = shards / "manifest.json"
-    print(f"   {report.summary() if hasattr(report, 'summary') else report}")
-    print(f"   {artefacts['shards']}")
+    artefacts["holdout_shards"] = held.manifest_path
+    print(f"   training: {report.num_samples} volume(s) -> {artefacts['shards']}")
+    print(f"   held out (validation only, never trained on): {held.num_samples} volume(s) -> {held.manifest_path}")
 
     _say(3, f"pre-training tiny MiM: local Ray, {workers} workers x DeepSpeed ZeRO-2 (gloo, bf16), {steps} steps")
-    cfg = load_config("tiny", [f"data.shards={shards / 'manifest.json'}", f"train.steps={steps}",
+    cfg = load_config("tiny", [f"data.shards={shards / 'manifest.json'}", f"data.validation_shards={held.manifest_path}",
+                               f"train.steps={steps}",
                                f"train.checkpoint_every={max(1, steps // 2)}", f"launch.workers={workers}",
                                f"launch.storage={out / 'runs'}", "launch.name=quickstart", *(overrides or [])])
     result = pretrain(cfg, fault=fault)
@@ -76,7 +79,7 @@ def run_quickstart(out: Path, *, source: Path | None = None, steps: int = 16, wo
     val = {k[4:]: round(v, 4) for k, v in result.metrics.items() if k.startswith("val_rec_")}
     if val:
         artefacts["validation_set"] = run_dir / "validation_set.safetensors"
-        print(f"   validation (fixed set {artefacts['validation_set']}): {val}")
+        print(f"   validation on the held-out volume (fixed set {artefacts['validation_set']}): {val}")
     print(f"   checkpoint {result.checkpoint}")
 
     _say(4, "export the encoder (safetensors + config.json, key schema 1)")

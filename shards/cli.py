@@ -29,6 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--codec", choices=("npy", "npy.gz"), default="npy", help="volume member encoding: npy (default; memory-mapped crops, fastest to stream) or npy.gz (0.55x the bytes, ~3x slower to stream)")
     b.add_argument("--crop-body", action="store_true", help="crop each volume to the body (air removal)")
     b.add_argument("--exclude", type=Path, default=None, help="file of content hashes / sample keys to leave out")
+    b.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+                   help="set this fraction of patients (else volumes) aside as held-out validation shards in "
+                        "OUT-holdout (never in OUT); point data.validation_shards at it")
+    b.add_argument("--holdout-list", type=Path, default=None, metavar="FILE",
+                   help="hold out these patients' folders / volume paths / sample keys (one per line)")
     b.add_argument("--workers", type=int, default=None, help="0 = in-process; N = CPUs for a local Ray cluster")
     b.add_argument("--address", default=None, help="address of an existing Ray cluster")
     b.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
@@ -105,10 +110,19 @@ def _build(args: argparse.Namespace) -> int:
         allow_non_ct_sop_class=args.allow_non_ct_sop_class, allow_burned_in_annotation=args.allow_burned_in_annotation,
         allow_derived=args.allow_derived,
     )
-    rep = build_shards(
-        args.inputs, args.out, config=config, private_dir=args.private_dir, workers=args.workers, address=args.address,
-        exclude=args.exclude, progress=not args.no_progress, metrics_port=args.metrics_port, dataset=args.dataset,
-    )
+    kwargs = dict(config=config, workers=args.workers, address=args.address, progress=not args.no_progress,
+                  metrics_port=args.metrics_port)
+    if args.holdout or args.holdout_list:
+        from mim_scale.shards.holdout import build_with_holdout
+
+        rep, held = build_with_holdout(args.inputs, args.out, fraction=args.holdout, holdout_list=args.holdout_list,
+                                       private_dir=args.private_dir, exclude=args.exclude, dataset=args.dataset,
+                                       **kwargs)
+        print(f"held out: {held.num_samples} volume(s) in {held.num_shards} shard(s) -> {held.manifest_path} "
+              "(set data.validation_shards to it)")
+    else:
+        rep = build_shards(args.inputs, args.out, private_dir=args.private_dir, exclude=args.exclude,
+                           dataset=args.dataset, **kwargs)
     print(f"{rep.num_samples} volume(s) in {rep.num_shards} shard(s) -> {rep.manifest_path}")
     print(f"rejected: {sum(rep.rejected.values())} {json.dumps(rep.rejected, sort_keys=True)} (details: {rep.private_dir}/rejects.jsonl)")
     print(f"this run: {rep.built_now} built in {rep.seconds:.1f} s ({rep.volumes_per_minute:.1f} vol/min), "

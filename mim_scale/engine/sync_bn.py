@@ -5,13 +5,15 @@ its own micro-batch of pairs (a handful per crop). Synchronised, every rank norm
 the concatenated batch, as one device holding all of it would. torch's ``SyncBatchNorm`` runs on CUDA only;
 this one all-reduces (count, sum, sum of squares) through ``torch.distributed.nn``'s differentiable
 all-reduce, so the gradient flows to every rank's inputs, on gloo (CPU) and NCCL (tensors on the device)
-alike. Statistics are computed in float32 whatever the parameter dtype.
+alike. Statistics are computed in at least float32 whatever the parameter dtype.
 
 The model never calls torch.distributed: :func:`convert_sync_batchnorm` swaps the modules in before the engine
 wraps the model, keeping their parameters and buffers (so checkpoints, resume and export carry the same keys).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -28,29 +30,39 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
             raise ValueError(f"SyncBatchNorm1d expects (P, D), got {tuple(x.shape)}")
-        if not self.training or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32 under bf16
+        xf = x.to(dtype)
+        if self.training or self.running_mean is None:
+            mean, var = self._batch_stats(xf)
+        else:
+            mean, var = self.running_mean.to(dtype), self.running_var.to(dtype)
+        y = (xf - mean) / torch.sqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight.to(dtype) + self.bias.to(dtype)
+        return y.to(x.dtype)
 
-        xf = x.float()
+    def _batch_stats(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and biased variance over every rank's rows (differentiable); updates the running statistics."""
         local = torch.cat([xf.new_tensor([float(xf.shape[0])]), xf.sum(0), (xf * xf).sum(0)])
-        total = all_reduce(local, op=dist.ReduceOp.SUM)
-        count, d = total[0], x.shape[1]
-        mean = total[1:1 + d] / count
-        var = (total[1 + d:] / count - mean * mean).clamp(min=0.0)  # biased, as BatchNorm normalises with
-        if float(count) < 2:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.nn.functional import all_reduce
+
+            with warnings.catch_warnings():  # the differentiable all-reduce is the one with an autograd rule
+                warnings.simplefilter("ignore", FutureWarning)
+                local = all_reduce(local, op=dist.ReduceOp.SUM)
+        count, d = float(local[0].detach()), xf.shape[1]
+        if count < 2:
             raise ValueError("SyncBatchNorm1d: fewer than 2 rows over all ranks; batch statistics are undefined")
-        if self.track_running_stats and self.running_mean is not None:
+        mean = local[1:1 + d] / count
+        var = (local[1 + d:] / count - mean * mean).clamp(min=0.0)  # biased, as BatchNorm normalises with
+        if self.training and self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 unbiased = var.detach() * count / (count - 1)
                 self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
                 self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-        y = (xf - mean) / torch.sqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight.float() + self.bias.float()
-        return y.to(x.dtype)
+        return mean, var
 
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from mim_scale.config import Config
+from mim_scale.errors import UserFacingError
 from mim_scale.model.validation import ValidationSet, validation_losses, validation_set_from_crops
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,19 @@ def validation_set_path(cfg: Config, run_dir: Path) -> Path:
 
 
 def draw_validation_set(cfg: Config) -> ValidationSet:
-    """``train.validation_crops`` crops from the configured shards (one fixed stream, one process), masks from
-    ``train.seed``."""
+    """``train.validation_crops`` crops (one fixed stream, one process), masks from ``train.seed``: from the
+    held-out volumes of ``data.validation_shards`` when set (labelled "held-out"), else from the training shards
+    ("seen": reconstruction of anatomy the model trains on)."""
     from mim_scale.data.stream import CropStream, manifest_shards
 
-    stream = CropStream(dataclasses.replace(cfg.data, num_workers=0), manifest_shards(cfg.data),
-                        seed=cfg.data.seed + STREAM_SEED_OFFSET)
-    it = iter(stream)
+    held_out = bool(cfg.data.validation_shards)
+    # every held-out volume equally likely: a training mixture names training datasets, not the held-out ones
+    data = dataclasses.replace(cfg.data, num_workers=0, **({"shards": cfg.data.validation_shards, "mixture": {}}
+                                                           if held_out else {}))
+    it = iter(CropStream(data, manifest_shards(data), seed=cfg.data.seed + STREAM_SEED_OFFSET))
     crops = torch.stack([next(it)["crop"] for _ in range(cfg.train.validation_crops)]).float()
-    return validation_set_from_crops(crops, cfg, seed=cfg.train.seed)
+    vset = validation_set_from_crops(crops, cfg, seed=cfg.train.seed)
+    return dataclasses.replace(vset, source="held-out" if held_out else "seen")
 
 
 def load_or_draw_validation_set(cfg: Config, run_dir: Path, rank: int) -> ValidationSet:
@@ -53,12 +58,15 @@ def load_or_draw_validation_set(cfg: Config, run_dir: Path, rank: int) -> Valida
     path = validation_set_path(cfg, run_dir)
     if path.is_file():
         vset = ValidationSet.load(path, cfg)
-        log.info("rank %d: validation set %s (%d crops)", rank, path, len(vset))
+        if cfg.data.validation_shards and vset.source != "held-out":
+            raise UserFacingError(f"{path}: drawn from the training shards, but data.validation_shards names held-out "
+                                  "volumes: remove the file (or point train.validation_set elsewhere) to draw it anew")
+        log.info("rank %d: validation set %s (%d crops, %s)", rank, path, len(vset), vset.source)
         return vset
     vset = draw_validation_set(cfg)
     if rank == 0:
         vset.save(path)
-        log.info("validation set of %d crops drawn from the shards, saved to %s", len(vset), path)
+        log.info("validation set of %d crops drawn from the %s shards, saved to %s", len(vset), vset.source, path)
     return vset
 
 

@@ -76,6 +76,7 @@ class ValidationSet:
     model: dict
     masking: dict
     seed: int
+    source: str = "seen"  # "held-out": drawn from volumes never trained on (data.validation_shards); "seen"
 
     def __len__(self) -> int:
         return self.crops.shape[0]
@@ -88,7 +89,7 @@ class ValidationSet:
         tensors.update({f"draw.{k}": v.contiguous() for k, v in self.draw.tensors().items()})
         tensors.update({f"draw_mae.{k}": v.contiguous() for k, v in self.draw_mae.tensors().items()})
         meta = {"format": FORMAT, "version": VERSION, "model": json.dumps(self.model), "masking": json.dumps(self.masking),
-                "seed": str(self.seed)}
+                "seed": str(self.seed), "source": self.source}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -115,7 +116,8 @@ class ValidationSet:
         vset = cls(crops=tensors["crops"],
                    draw=MaskDraw(**{k[5:]: v for k, v in tensors.items() if k.startswith("draw.")}),
                    draw_mae=MaskDraw(**{k[9:]: v for k, v in tensors.items() if k.startswith("draw_mae.")}),
-                   model=json.loads(meta["model"]), masking=json.loads(meta["masking"]), seed=int(meta["seed"]))
+                   model=json.loads(meta["model"]), masking=json.loads(meta["masking"]), seed=int(meta["seed"]),
+                   source=meta.get("source", "seen"))
         if cfg is not None:
             vset.check(cfg, where=str(path))
         return vset

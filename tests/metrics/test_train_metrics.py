@@ -193,6 +193,8 @@ def test_validation_losses_per_level():
     assert m.sample("mim_validation_loss", level="1") is None  # no validation yet: absent, not 0
     m.record_validation(40, {"val_rec_l1": 0.9, "val_rec_l2": 0.8, "val_rec_l3": 0.7, "val_align_12": 0.3,
                              "val_align_23": 0.2, "val_total": 2.45})
-    assert m.sample("mim_validation_loss", level="2") == pytest.approx(0.8)
-    assert m.sample("mim_validation_alignment_loss", level="2-3") == pytest.approx(0.2)
+    assert m.sample("mim_validation_loss", level="2", set="seen") == pytest.approx(0.8)
+    assert m.sample("mim_validation_alignment_loss", level="2-3", set="seen") == pytest.approx(0.2)
+    m.record_validation(50, {"val_rec_l1": 0.5}, source="held-out")
+    assert m.sample("mim_validation_loss", level="1", set="held-out") == pytest.approx(0.5)
     assert m.sample("mim_validation_step") == 40

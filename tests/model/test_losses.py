@@ -165,6 +165,25 @@ def test_collapse_monitor_reads_a_shared_direction_as_healthy_and_a_collapse_as_
     assert float(mon["z_std"]) < 1e-6
 
 
+def test_align_12_depends_on_the_level1_features(ct_crops):
+    """Perturbing the level-1 decoder features (the parents of 1<->2) changes align_12 out of step(); a model
+    whose alignment ignored them (the published code aligns level 2 with itself) would give the same loss."""
+    cfg, model, out, _ = _tiny_step(ct_crops, dtype=torch.float32)
+    original = model.encode_decode
+
+    def perturbed(levels):
+        results = original(levels)
+        (f1, pred1), *rest = results
+        noise = torch.randn(f1.shape, generator=torch.Generator().manual_seed(1), dtype=f1.dtype)
+        return [(f1 + 0.5 * noise, pred1), *rest]
+
+    model.encode_decode = perturbed
+    gen = torch.Generator().manual_seed(0)
+    again, _ = model.step(ct_crops.float(), generator=gen)
+    assert float(again["rec_l2"]) == pytest.approx(float(out["rec_l2"]))  # same masks: only the parents moved
+    assert abs(float(again["align_12"]) - float(out["align_12"])) > 1e-3
+
+
 def test_projector_output_is_batch_normalised_so_z_do_not_share_a_direction():
     torch.manual_seed(0)
     head = AlignHead(32)
