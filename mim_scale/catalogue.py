@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from mim_scale.errors import UserFacingError
-from mim_scale.export_store import ExportEntry, is_remote, join, list_exports, read_json_file
+from mim_scale.export_store import MAX_SUMS_BYTES, SUMS_FILE, ExportEntry, is_remote, join, list_exports, \
+    parse_sums, read_json_file, read_small
 
 CONFIG_FILES = ("config.json", "configs/mim_scale_export.json")  # an export's, a MONAI bundle's
 EVALUATION_FILE = "evaluation.json"
@@ -147,30 +148,18 @@ def find(name: str, location: str | None) -> str:
 
 
 def card(location: str) -> str:
-    """The export's model card text (README.md; a bundle's docs/README.md)."""
-    from mim_scale.export_store import MAX_JSON_BYTES, SUMS_FILE, _client, _read_bounded, _split, parse_sums
-
+    """The export's model card text (README.md; a bundle's docs/README.md), if its SHA256SUMS lists it.
+    Only the card is read (bounded); the loader verifies the weights."""
+    sums_bytes = read_small(location, SUMS_FILE, MAX_SUMS_BYTES)
+    if sums_bytes is None:
+        raise UserFacingError(f"{location}: no {SUMS_FILE}: not an export, or an incomplete one")
+    sums = parse_sums(sums_bytes, join(location, SUMS_FILE))
     for name in ("README.md", "docs/README.md"):
-        try:
-            if is_remote(location):
-                bucket, key = _split(join(location, name))
-                body = _client().get_object(Bucket=bucket, Key=key)["Body"].read(MAX_JSON_BYTES + 1)
-                if len(body) > MAX_JSON_BYTES:
-                    raise UserFacingError(f"{join(location, name)}: larger than {MAX_JSON_BYTES} bytes")
-                sums_body = _client().get_object(Bucket=bucket, Key=_split(join(location, SUMS_FILE))[1])["Body"].read()
-            else:
-                path = Path(location, name)
-                if not path.is_file():
-                    continue
-                body = _read_bounded(path, MAX_JSON_BYTES)
-                sums_body = _read_bounded(Path(location, SUMS_FILE), MAX_JSON_BYTES)
-        except UserFacingError:
-            raise
-        except Exception:  # noqa: BLE001 - absent object: try the next name
-            continue
-        if name not in parse_sums(sums_body, join(location, SUMS_FILE)):
-            raise UserFacingError(f"{join(location, name)}: not listed in {SUMS_FILE}")
-        return body.decode("utf-8", errors="replace")
+        if name in sums:
+            body = read_small(location, name)
+            if body is None:
+                raise UserFacingError(f"{join(location, name)}: listed in {SUMS_FILE} but missing or too large")
+            return body.decode("utf-8", errors="replace")
     raise UserFacingError(f"{location}: no model card (README.md) in this export")
 
 

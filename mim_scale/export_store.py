@@ -226,8 +226,14 @@ def pull(uri: str, cache: Path | None = None) -> Path:
     root = Path(cache) if cache is not None else cache_root()
     dest = root / hashlib.sha256(sums_bytes).hexdigest()
     if dest.is_dir():
-        verify_folder(dest)  # the cache is a local folder like any other: checked on every load
-        return dest
+        try:
+            verify_folder(dest)  # the cache is a local folder like any other: checked on every load
+            return dest
+        except ExportIntegrityError as exc:  # changed on this disk since it was pulled: pull it again
+            import logging
+
+            logging.getLogger(__name__).warning("%s; pulling %s again", exc, uri)
+            shutil.rmtree(dest)
     # sizes first: every listed object must exist, and all of them must fit on the disk
     sizes: dict[str, int] = {}
     for name in sums:
@@ -300,6 +306,28 @@ def _download_checked(s3, bucket: str, key: str, target: Path, size: int, digest
 # -- publishing ---------------------------------------------------------------------------------------
 
 
+# what an export may hold: anything else at a destination means it is not (only) an old export of ours
+_EXPORT_FILES = {SUMS_FILE, "README.md", "config.json", "encoder.safetensors", "mim_full.safetensors",
+                 "evaluation.json"}
+_EXPORT_FOLDERS = ("configs/", "models/", "docs/")  # a MONAI bundle's
+
+
+def check_replaceable(names: list[str], where: str) -> None:
+    """Refuse to overwrite a destination that holds anything but an (old or partial) export: other exports
+    below it, or files no export writes (a home folder, a shard prefix, a typo)."""
+    for name in names:
+        if name.endswith("/" + SUMS_FILE):
+            raise UserFacingError(f"{where}: holds another export ({name}); export to a location of its own, "
+                                  "e.g. .../NAME")
+    if SUMS_FILE in names:
+        return  # an old export: replaced whole
+    strange = [n for n in names if n not in _EXPORT_FILES and not n.startswith(_EXPORT_FOLDERS)]
+    if strange:
+        raise UserFacingError(f"{where}: not an export (no {SUMS_FILE}) and holds {strange[0]!r}"
+                              f"{f' and {len(strange) - 1} more' if len(strange) > 1 else ''}; "
+                              "choose a new or empty location")
+
+
 def publish_folder(tmp: Path, dest: str | os.PathLike) -> str:
     """Move the finished export ``tmp`` (with its ``SHA256SUMS``) to ``dest``; returns ``dest`` as a string.
 
@@ -308,6 +336,11 @@ def publish_folder(tmp: Path, dest: str | os.PathLike) -> str:
     objects under the prefix that the new export does not list are deleted, and ``SHA256SUMS`` goes last.
     """
     if not is_remote(dest):
+        dest = Path(dest)
+        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+            raise UserFacingError(f"{dest}: exists and is not a folder; choose a new or empty location")
+        if dest.is_dir():
+            check_replaceable([p.relative_to(dest).as_posix() for p in dest.rglob("*") if not p.is_dir()], str(dest))
         replace_folder(tmp, dest)
         return str(dest)
     uri = str(dest).rstrip("/")
@@ -316,6 +349,7 @@ def publish_folder(tmp: Path, dest: str | os.PathLike) -> str:
         raise UserFacingError(f"{uri}: give a prefix for the export (s3://bucket/prefix/NAME), not a bare bucket")
     s3 = _client()
     sums = parse_sums((tmp / SUMS_FILE).read_bytes(), str(tmp / SUMS_FILE))
+    check_replaceable([o["Key"][len(prefix) + 1:] for o in _objects(s3, bucket, prefix + "/")], uri)
     s3.delete_object(Bucket=bucket, Key=f"{prefix}/{SUMS_FILE}")
     for name in sorted(sums):
         s3.upload_file(str(tmp / name), bucket, f"{prefix}/{name}")
@@ -347,21 +381,26 @@ class ExportEntry:
     jsons: dict[str, Any] = field(default_factory=dict)  # small JSON files read from it (config.json, ...)
 
 
+def read_small(location: str, name: str, limit: int = MAX_JSON_BYTES) -> bytes | None:
+    """A small file of an export or beside it, at most ``limit`` bytes; None when absent (or too large)."""
+    try:
+        if is_remote(location):
+            bucket, key = _split(join(location, name))
+            return _get_small(_client(), bucket, key, join(location, name), limit, missing="absent")
+        path = Path(location, name)
+        return _read_bounded(path, limit) if path.is_file() else None
+    except ExportIntegrityError:
+        return None
+
+
 def read_json_file(location: str, name: str) -> Any:
     """A small JSON file of an export or beside it (bounded); None when absent or unreadable."""
     import json
 
+    data = read_small(location, name)
     try:
-        if is_remote(location):
-            bucket, prefix = _split(join(location, name))
-            data = _get_small(_client(), bucket, prefix, join(location, name), MAX_JSON_BYTES, missing="absent")
-        else:
-            path = Path(location, name)
-            if not path.is_file():
-                return None
-            data = _read_bounded(path, MAX_JSON_BYTES)
-        return json.loads(data)
-    except (ExportIntegrityError, ValueError):
+        return None if data is None else json.loads(data)
+    except ValueError:
         return None
 
 

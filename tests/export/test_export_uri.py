@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from mim_scale import export_store
 from mim_scale.cli import main
 from mim_scale.export import export_run, load_encoder
+from mim_scale.errors import UserFacingError
 from mim_scale.export_store import SUMS_FILE, ExportIntegrityError
 
 
@@ -151,7 +152,8 @@ def bucket(s3_server):
 def test_s3_export_writes_the_index_last_and_loads_by_uri(trained_run, exported, bucket, export_cache,
                                                           monkeypatch):
     s3 = boto3.client("s3")
-    s3.put_object(Bucket=bucket, Key="exports/tiny-v1/stale.bin", Body=b"an older export's file")
+    export_run(trained_run, "s3://lab-bucket/exports/tiny-v1", full_state=True)  # an older export, with a file
+    assert s3.head_object(Bucket=bucket, Key="exports/tiny-v1/mim_full.safetensors")  # the new one lacks
     log: list[tuple[str, str]] = []
     real = export_store._client
     monkeypatch.setattr(export_store, "_client", lambda: _Spy(real(), log))
@@ -172,6 +174,35 @@ def test_s3_export_writes_the_index_last_and_loads_by_uri(trained_run, exported,
     load_encoder(uri)  # the second load reads the verified cache: only the index comes from the store
     assert [k for op, k in log if op == "get"] == ["exports/tiny-v1/SHA256SUMS"]
     assert [p.name for p in export_cache.iterdir()] == [hashlib.sha256(sums_bytes).hexdigest()]
+    # a cached file changed on this disk: the check catches it and the export is pulled again
+    cached = Path(config["local_path"]) / "encoder.safetensors"
+    cached.write_bytes(cached.read_bytes()[:-1] + b"\0")
+    log.clear()
+    _same_weights(load_encoder(uri)[0], encoder)
+    assert ("get", "exports/tiny-v1/encoder.safetensors") in log
+
+
+def test_export_refuses_to_overwrite_what_is_not_an_export(trained_run, bucket, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    with pytest.raises(UserFacingError, match=r"home: not an export \(no SHA256SUMS\) and holds 'notes.txt'"):
+        export_run(trained_run, home)
+    assert (home / "notes.txt").read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["home"]
+    export_run(trained_run, tmp_path / "shelf" / "a")
+    with pytest.raises(UserFacingError, match=r"shelf: holds another export \(a/SHA256SUMS\)"):
+        export_run(trained_run, tmp_path / "shelf")
+    export_store.verify_folder(tmp_path / "shelf" / "a")
+
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=bucket, Key="shards/v1/shard-000000.tar", Body=b"training data")
+    with pytest.raises(UserFacingError, match=r"s3://lab-bucket/shards: not an export .* 'v1/shard-000000.tar'"):
+        export_run(trained_run, "s3://lab-bucket/shards")
+    export_run(trained_run, "s3://lab-bucket/shelf/a")
+    with pytest.raises(UserFacingError, match=r"s3://lab-bucket/shelf: holds another export"):
+        export_run(trained_run, "s3://lab-bucket/shelf")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert {"shards/v1/shard-000000.tar", "shelf/a/SHA256SUMS"} <= keys
 
 
 def test_s3_partial_and_tampered_exports_are_refused(trained_run, bucket, export_cache, tmp_path):
