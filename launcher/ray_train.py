@@ -358,8 +358,15 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
         from mim_scale.data.stream import manifest_shards
 
         manifest_shards(cfg.data)
+    from mim_scale.launcher.lease import RunLease
+
+    lease = RunLease.acquire(stop_uri or str(run_dir))  # a second live launch of this run is refused here
     t0 = time.perf_counter()
-    started = ensure_ray(cfg, env)
+    try:
+        started = ensure_ray(cfg, env)
+    except BaseException:
+        lease.release()
+        raise
     driver = DriverRecord(run_dir, name=name, storage=storage, address=cfg.launch.address or "local")
     driver.write("running", ray_address=_gcs_address())
     error: BaseException | None = None
@@ -394,6 +401,7 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
     finally:
         if started:
             ray.shutdown()
+        lease.release()
     state = "failed" if error is not None else ("stopped" if stop_was_requested(run_dir, stop_uri) else "finished")
     driver.write(state, error=f"{type(error).__name__}: {error}" if error is not None else None,
                  step=metrics.get("step"))

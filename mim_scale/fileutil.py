@@ -34,3 +34,71 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------- append-only JSON-lines files (history, journal)
+# A writer killed mid-append leaves a last line without its newline. Readers stop at the last complete line;
+# a writer truncates the file there before appending, so its first record never glues onto the torn one.
+
+
+def complete_prefix_bytes(path: str | os.PathLike) -> int:
+    """Length in bytes of ``path`` up to and including its last newline (0 if it has none or is absent)."""
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            pos = end
+            while pos > 0:
+                step = min(1 << 16, pos)
+                f.seek(pos - step)
+                block = f.read(step)
+                i = block.rfind(b"\n")
+                if i >= 0:
+                    return pos - step + i + 1
+                pos -= step
+    except FileNotFoundError:
+        return 0
+    return 0
+
+
+def truncate_torn_tail(path: str | os.PathLike) -> int:
+    """Cut an append-only file back to its last complete line before appending to it; returns the bytes
+    removed (0 when the file is whole or absent). The truncation is fsynced."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+    keep = complete_prefix_bytes(path)
+    if keep == size:
+        return 0
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return size - keep
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of an append-only JSON-lines file, read to its last complete line (a torn last line,
+    being written or left by a killed writer, is not returned). A complete line that is not a JSON object
+    (an old torn line that a later append completed) is skipped with a warning naming the file and line."""
+    import json
+    import logging
+
+    keep = complete_prefix_bytes(path)
+    if keep == 0:
+        return []
+    with open(path, "rb") as f:
+        data = f.read(keep)
+    records = []
+    for number, line in enumerate(data.decode("utf-8", errors="replace").split("\n")[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            logging.getLogger(__name__).warning("%s: line %d is not a JSON object; skipped", path, number)
+            continue
+        records.append(record)
+    return records

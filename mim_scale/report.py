@@ -10,7 +10,6 @@ the latest checkpoint on crops of the run's own shards (levels 1-3: input, maske
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,14 @@ from mim_scale.errors import UserFacingError
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-step records of a run, the last record of each step kept (a restart repeats steps)."""
-    path = Path(run_dir) / "history.jsonl"
-    if not path.is_file():
-        return []
+    """The per-step records of a run, the last record of each step kept (a restart repeats steps). Read to the
+    last complete line (a driver killed mid-append leaves a torn one); records without a step are skipped."""
+    from mim_scale.fileutil import read_jsonl
+
     by_step: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_step[int(record["step"])] = record
+    for record in read_jsonl(Path(run_dir) / "history.jsonl"):
+        if isinstance(record.get("step"), int):
+            by_step[record["step"]] = record
     return [by_step[k] for k in sorted(by_step)]
 
 

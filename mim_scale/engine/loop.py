@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from mim_scale.config import Config
 from mim_scale.engine import checkpoint as ckpt
-from mim_scale.fileutil import write_atomic
+from mim_scale.fileutil import read_jsonl, truncate_torn_tail, write_atomic
 from mim_scale.engine.deepspeed_engine import build_engine, init_distributed, input_dtype
 
 log = logging.getLogger("mim_scale.train")
@@ -204,6 +204,8 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
     clock = StepClock()
     last_save_time = time.monotonic()
     history_path = Path(run_dir) / "history.jsonl"
+    if rank == 0:
+        truncate_torn_tail(history_path)  # a rank 0 killed mid-append left half a line: append after whole ones
     result: dict[str, Any] = {"step": state.step}
     first_step_logged = False
     vset = None
@@ -432,7 +434,7 @@ def _write_pictures(cfg: Config, model, crops: torch.Tensor, run_dir: Path, step
     save_reconstruction_png(recon, pictures / f"reconstruction_step{step:07d}.png")
     save_reconstruction_png(recon, pictures / "reconstruction_latest.png")
     if history_path.is_file():
-        history = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+        history = read_jsonl(history_path)  # to the last complete line
         save_loss_curves_png(history, pictures / "loss_curves.png")
 
 

@@ -2,7 +2,8 @@
 order), SIGKILL of one process mid-run then resume from the last checkpoint, and resume of a 2-worker run on
 1 and on 3 workers (consolidate and reshard: samples_seen continuous, global batch kept, loss continuous).
 The resumed run starts from a checkpoint whose every DeepSpeed ``.pt`` file was replaced by a pickle that
-creates a file when unpickled: resume reads only safetensors and JSON, so it is still exact and nothing ran."""
+creates a file when unpickled: resume reads only safetensors and JSON, so it is still exact and nothing ran;
+and from a history.jsonl with a torn last line, which it cuts before appending."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ def pair(engine_shards, tiny_config, tmp_path_factory):
     planted = plant_pickles(split.run_dir / "checkpoints", root / "pwned")
     assert len(planted) >= 3  # model states + one ZeRO optimizer shard per rank
     (root / "planted.pt").write_bytes(planted[0].read_bytes())  # kept for test_planted_pickles_would_have_run
+    # rank 0 killed mid-append: a torn last line in history.jsonl, which the restart reads to draw its pictures
+    with open(split.run_dir / "history.jsonl", "a") as f:
+        f.write('{"step": 12, "total": 0.')
+    (split.run_dir / "pictures" / "loss_curves.png").unlink()
     launch_jobs([resumed], workers=2)  # fresh processes: RNG, engine and stream rebuilt from disk
     assert not (root / "pwned").exists()  # no planted pickle was loaded
     return straight, split, first_half
@@ -67,6 +72,19 @@ def test_planted_pickles_would_have_run(pair):
     torch.load(planted, weights_only=False)
     assert marker.exists()
     marker.unlink()
+
+
+def test_torn_history_line_survives_the_restart(pair):
+    """The resumed run cut the torn line before appending (every line parses, none glued) and drew its loss
+    curves from the complete lines."""
+    import json
+
+    _, split, _ = pair
+    text = (split.run_dir / "history.jsonl").read_text()
+    assert text.endswith("\n") and '"total": 0.{' not in text
+    steps = [json.loads(line)["step"] for line in text.splitlines()]
+    assert steps[-1] == STEPS and 11 in steps
+    assert (split.run_dir / "pictures" / "loss_curves.png").stat().st_size > 0
 
 
 def test_sigterm_on_one_rank_saves_at_agreed_step(pair):
