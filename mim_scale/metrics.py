@@ -20,9 +20,10 @@ mim_step_duration_seconds                   histogram  wall time of one step, *i
 mim_data_wait_seconds_total                 counter    part of the step time spent waiting for the batch;
                                                        data-wait fraction = rate(this) /
                                                        rate(mim_step_duration_seconds_sum)
-mim_samples_total                           counter    crops (batch items) trained on
-mim_volumes_total                           counter    distinct CT volumes those crops came from
-mim_tokens_total                            counter    patch tokens seen by the encoder
+mim_crops_total                             counter    crops trained on (each yields every level's views)
+mim_volumes_total                           counter    volume reads those crops came from
+mim_views_total                             counter    masked views (all levels) through the model
+mim_tokens_total                            counter    visible tokens through the encoder's transformer
 mim_loss{level="1"|"2"|"3"}                 gauge      reconstruction loss per level (rec_l1..rec_l3)
 mim_alignment_loss{level="1-2"|"2-3"}       gauge      cross-level alignment loss; the level *pair* goes in the
                                                        ``level`` label (align_12 -> "1-2") so the label set
@@ -150,6 +151,15 @@ def port_for_rank(base_port: int, rank: int) -> int:
     return port
 
 
+def resolve_addr(addr: str, node_ip: str | None = None) -> str:
+    """The address a worker's /metrics binds: ``metrics.addr`` as given, except ``"auto"`` (the default): the
+    worker's Ray node IP when it runs on a Ray cluster it joined (``node_ip``), else loopback (a one-machine
+    local cluster, or a run without Ray), so nothing listens beyond this machine unless the nodes must reach it."""
+    if addr == "auto":
+        return node_ip or "127.0.0.1"
+    return addr
+
+
 def target_for(addr: str, port: int) -> str:
     """``host:port`` that other machines use to scrape a server bound to ``addr``."""
     host = addr
@@ -161,8 +171,11 @@ def target_for(addr: str, port: int) -> str:
 
 
 def targets_path(metrics_cfg, run_dir: str | os.PathLike) -> Path:
-    """The file_sd targets file of a run: ``metrics_cfg.targets_file`` or ``RUN_DIR/prometheus_targets.json``."""
-    return Path(metrics_cfg.targets_file) if metrics_cfg.targets_file else Path(run_dir) / "prometheus_targets.json"
+    """The file_sd pattern of a run's targets, one file per rank (:mod:`mim_scale.rundir`):
+    ``RUN_DIR/prometheus_targets/*.json``, or ``*.json`` in the ``metrics.targets_file`` folder when set."""
+    from mim_scale.rundir import targets_glob
+
+    return Path(metrics_cfg.targets_file) / "*.json" if metrics_cfg.targets_file else targets_glob(run_dir)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,6 +245,25 @@ def write_file_sd_groups(path: str | os.PathLike, groups: Iterable[Mapping]) -> 
     over ``path`` means it never reads a half-written file.
     """
     path = Path(path)
+    text = file_sd_text(groups, where=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def file_sd_text(groups: Iterable[Mapping], where: str = "file_sd") -> str:
+    """The JSON text of a file_sd file holding ``groups`` (checked: host:port targets, valid label names); what
+    a worker sends to the driver's run folder (:mod:`mim_scale.rundir`)."""
+    path = where
     doc = []
     for i, group in enumerate(groups):
         targets = [str(t) for t in group.get("targets", [])]
@@ -243,19 +275,7 @@ def write_file_sd_groups(path: str | os.PathLike, groups: Iterable[Mapping]) -> 
             if not _LABEL_NAME.match(k) or k.startswith("__"):
                 raise ValueError(f"{path}: group {i}: {k!r} is not a valid target label name")
         doc.append({"targets": targets, "labels": labels})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return json.dumps(doc, indent=2) + "\n"
 
 
 def read_file_sd(path: str | os.PathLike) -> list[dict]:
@@ -383,9 +403,10 @@ class TrainMetrics:
             registry=r,
         )
         self._data_wait = counter("mim_data_wait_seconds", "Step time spent waiting for the next batch.")
-        self._samples = counter("mim_samples", "Crops (batch items) trained on.")
-        self._volumes = counter("mim_volumes", "Distinct CT volumes the trained crops came from.")
-        self._tokens = counter("mim_tokens", "Patch tokens seen by the encoder.")
+        self._crops = counter("mim_crops", "Crops trained on (each yields every level's views).")
+        self._volumes = counter("mim_volumes", "Volume reads the trained crops came from.")
+        self._views = counter("mim_views", "Masked views (all levels) through the model.")
+        self._tokens = counter("mim_tokens", "Visible tokens through the encoder's transformer.")
         self._loss = gauge("mim_loss", "Reconstruction loss per level.", ("level",))
         self._align = gauge("mim_alignment_loss", "Cross-level alignment loss; level holds the pair, e.g. 1-2.", ("level",))
         self._objective = gauge("mim_objective_loss", "Weighted total loss that is optimised.")
@@ -418,7 +439,7 @@ class TrainMetrics:
         # Counters exist (at 0) from the first scrape so rate()/increase() see the first increment;
         # gauges whose 0 would be a lie (losses, lr, mfu) appear with the first step.
         for m in (
-            self._steps, self._step_seconds, self._data_wait, self._samples, self._volumes, self._tokens,
+            self._steps, self._step_seconds, self._data_wait, self._crops, self._volumes, self._views, self._tokens,
             self._nonfinite, self._ckpt_seconds, self._ckpt_bytes, self._restarts, self._loader_volumes,
             self._loader_bytes,
         ):  # fmt: skip
@@ -435,9 +456,11 @@ class TrainMetrics:
             self._server, self.port = serve_registry(self.registry, addr, port)
 
     @classmethod
-    def from_config(cls, metrics_cfg, run: str, rank: int, **kwargs) -> TrainMetrics:
-        """From ``Config.metrics``: bind ``metrics_cfg.addr`` on ``port_for_rank(metrics_cfg.port, rank)``."""
-        return cls(run, rank, addr=metrics_cfg.addr, port=port_for_rank(metrics_cfg.port, rank), **kwargs)
+    def from_config(cls, metrics_cfg, run: str, rank: int, node_ip: str | None = None, **kwargs) -> TrainMetrics:
+        """From ``Config.metrics``: bind ``resolve_addr(metrics_cfg.addr, node_ip)`` on
+        ``port_for_rank(metrics_cfg.port, rank)``."""
+        return cls(run, rank, addr=resolve_addr(metrics_cfg.addr, node_ip), port=port_for_rank(metrics_cfg.port, rank),
+                   **kwargs)
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -455,7 +478,7 @@ class TrainMetrics:
         step: int,
         step_seconds: float,
         data_wait_seconds: float,
-        samples: int,
+        crops: int,
         volumes: int,
         tokens: int,
         losses: Mapping[str, float],
@@ -463,6 +486,7 @@ class TrainMetrics:
         grad_norm: float | None = None,
         mfu: float | None = None,
         collapse_std: Mapping[str, float] | None = None,
+        views: int = 0,
     ) -> None:
         """Record one finished optimizer step.
 
@@ -473,6 +497,8 @@ class TrainMetrics:
         ``mim_collapse_std`` when ``collapse_std`` is None, other keys (``tokens``, ``views``) are
         ignored. Values may be floats or 0-d tensors. mfu: 0-1. collapse_std: ``{"z_std_12": s}``,
         ``{"level1": s}``, ... (the label is the level or level pair, see :func:`_level_label`).
+        crops, volumes, views, tokens: this rank's counts in the step, each in its own unit (crops trained on,
+        volume reads they came from, masked views through the model, visible tokens through the transformer).
         """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
@@ -483,8 +509,8 @@ class TrainMetrics:
                 f"data_wait_seconds ({data_wait_seconds}) exceeds step_seconds ({step_seconds}): "
                 "step_seconds must include the wait for the batch"
             )
-        if min(samples, volumes, tokens) < 0:
-            raise ValueError(f"samples, volumes, tokens must be >= 0, got {samples}, {volumes}, {tokens}")
+        if min(crops, volumes, tokens, views) < 0:
+            raise ValueError(f"crops, volumes, tokens, views must be >= 0, got {crops}, {volumes}, {tokens}, {views}")
         if mfu is not None:
             if not float(mfu) >= 0.0:
                 raise ValueError(f"mfu is a fraction >= 0, got {mfu}")
@@ -514,7 +540,8 @@ class TrainMetrics:
         self._last_step_ts.labels(**lv).set(time.time())
         self._step_seconds.labels(**lv).observe(step_seconds)
         self._data_wait.labels(**lv).inc(data_wait_seconds)
-        self._samples.labels(**lv).inc(samples)
+        self._crops.labels(**lv).inc(crops)
+        self._views.labels(**lv).inc(views)
         self._volumes.labels(**lv).inc(volumes)
         self._tokens.labels(**lv).inc(tokens)
         self._lr.labels(**lv).set(float(lr))

@@ -64,7 +64,9 @@ def test_model_output_dict_can_be_passed_as_is():
     assert m.sample("mim_collapse_std", level="2-3") == 0.125
     assert m.sample("mim_objective_loss") == pytest.approx(3.2)
     names = {s.name for metric in m.registry.collect() for s in metric.samples}
-    assert {n for n in names if "token" in n or "view" in n} == {"mim_tokens_total", "mim_tokens_created"}
+    assert {n for n in names if "token" in n or "view" in n} == {"mim_tokens_total", "mim_tokens_created",
+                                                                 "mim_views_total", "mim_views_created"}
+    assert m.sample("mim_views_total") == 0  # the dict's per-crop "views" is not a count of this step
 
 
 def test_restart_count_is_monotonic():
@@ -185,7 +187,9 @@ def test_mfu_helpers_and_config():
     cfg = load_config("tiny")
     m = TrainMetrics.from_config(cfg.metrics, "r", 1, serve=False)
     assert m.rank == 1 and m.port is None
-    assert targets_path(cfg.metrics, "/runs/x").as_posix() == "/runs/x/prometheus_targets.json"
+    assert m.addr == "127.0.0.1"  # metrics.addr "auto" without a Ray node: loopback
+    assert TrainMetrics.from_config(cfg.metrics, "r", 1, node_ip="10.0.0.7", serve=False).addr == "10.0.0.7"
+    assert targets_path(cfg.metrics, "/runs/x").as_posix() == "/runs/x/prometheus_targets/*.json"
 
 
 def test_validation_losses_per_level():
@@ -195,6 +199,6 @@ def test_validation_losses_per_level():
                              "val_align_23": 0.2, "val_total": 2.45})
     assert m.sample("mim_validation_loss", level="2", set="seen") == pytest.approx(0.8)
     assert m.sample("mim_validation_alignment_loss", level="2-3", set="seen") == pytest.approx(0.2)
+    assert m.sample("mim_validation_step") == 40
     m.record_validation(50, {"val_rec_l1": 0.5}, source="held-out")
     assert m.sample("mim_validation_loss", level="1", set="held-out") == pytest.approx(0.5)
-    assert m.sample("mim_validation_step") == 40

@@ -21,7 +21,7 @@ def _step(m: TrainMetrics, step: int, scale: float = 1.0) -> None:
         step=step,
         step_seconds=0.2,
         data_wait_seconds=0.05,
-        samples=4,
+        crops=4,
         volumes=2,
         tokens=4 * 512,
         losses={k: v * scale for k, v in LOSSES.items()},
@@ -64,7 +64,7 @@ def test_two_ranks_scraped_through_file_sd(tmp_path):
             )
             assert float(frac[0]["value"][1]) == pytest.approx(0.25)
             assert values(prom.query("mim_mfu"), "rank") == {"0": 0.4, "1": 0.4}
-            assert values(prom.query('mim_samples_total{run="run-a"}'), "rank") == {"0": 12.0, "1": 12.0}
+            assert values(prom.query('mim_crops_total{run="run-a"}'), "rank") == {"0": 12.0, "1": 12.0}
             mem = values(prom.query("mim_device_memory_peak_bytes"), "rank")
             assert set(mem) == {"0", "1"} and all(v > 10 * 2**20 for v in mem.values())
             # the job sees both targets healthy, discovered from the file
