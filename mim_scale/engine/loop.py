@@ -28,17 +28,24 @@ import torch.distributed as dist
 
 from mim_scale.config import Config
 from mim_scale.engine import checkpoint as ckpt
-from mim_scale.fileutil import read_jsonl, truncate_torn_tail, write_atomic
-from mim_scale.engine.deepspeed_engine import build_engine, init_distributed, input_dtype
+from mim_scale.engine.collectives import agree_max, sum_over_ranks
+from mim_scale.rundir import ATTEMPTS_FILE, HISTORY_FILE, RunFiles, targets_file
+from mim_scale.fileutil import read_jsonl, write_atomic
+from mim_scale.engine.deepspeed_engine import build_engine, init_distributed
+from mim_scale.engine.sync_bn import convert_sync_batchnorm
+from mim_scale.tensorboard import open_board
 
 log = logging.getLogger("mim_scale.train")
+RECIPE_FILE = "recipe.json"  # the batch, lr and schedule the run trains with (rank 0 writes it at start)
 
 
 class Reporter:
     """Where a worker sends metrics and checkpoints. The base class keeps checkpoints in a local folder."""
 
-    def __init__(self, run_dir: Path, keep_last: int = 2):
+    def __init__(self, run_dir: Path, keep_last: int = 2, files: RunFiles | None = None):
         self.run_dir = Path(run_dir)
+        # targets, history, attempts: written into the driver's run folder (mim_scale.rundir), not this disk
+        self.files = files if files is not None else RunFiles(run_dir)
         self.keep_last = keep_last
 
     def resume_dir(self) -> Path | None:
@@ -109,14 +116,6 @@ class _StopFlags:
         self.sigterm = True
 
 
-def _agree(flags: list[float]) -> list[float]:
-    """Element-wise MAX over ranks (a collective: every rank calls it at the same point)."""
-    t = torch.tensor(flags, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
 def parse_drill(spec: str | None, actions: tuple[str, ...], what: str = "fault") -> tuple[str, int, int] | None:
     """A failure drill ``"ACTION:RANK:STEP"`` with ACTION one of ``actions`` -> (action, rank, step)."""
     if not spec:
@@ -171,8 +170,9 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
     world = dist.get_world_size() if dist.is_initialized() else 1
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)
+    cfg, recipe = _resolve_recipe(cfg, world, Path(run_dir), rank)
 
-    model = build_model(cfg)
+    model = convert_sync_batchnorm(build_model(cfg))  # the alignment MLPs' BatchNorms see every rank's pairs
     if init_weights is not None:
         from mim_scale.export import load_encoder_weights
 
@@ -191,21 +191,21 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
         log.info("rank %d resumed from %s at step %d (%d samples seen)", rank, resume_from, state.step,
                  state.samples_seen)
     # a failure before the first checkpoint restarts from scratch: count attempts in the run folder too
-    state.restarts = max(state.restarts, _count_attempt(Path(run_dir), rank))
+    state.restarts = max(state.restarts, _count_attempt(reporter.files, rank))
 
-    metrics = _start_metrics(cfg, run_dir, rank, state.restarts)
+    metrics = _start_metrics(cfg, reporter.files, Path(run_dir).name, rank, state.restarts)
+    board = open_board(cfg.metrics.tensorboard, run_dir, rank)  # RUN/tensorboard/ (rank 0, when installed)
     shards = manifest_shards(cfg.data)
     loader = make_loader(cfg.data, shards, rank=rank, world_size=world, batch_size=cfg.train.micro_batch,
                          batches_consumed=state.batches_consumed_per_rank, seed=state.stream_seed)
     batches = iter(loader)
-    dtype = input_dtype(cfg)
     flops = flops_per_sample(cfg)
     stop = _StopFlags()
     clock = StepClock()
     last_save_time = time.monotonic()
     history_path = Path(run_dir) / "history.jsonl"
     if rank == 0:
-        truncate_torn_tail(history_path)  # a rank 0 killed mid-append left half a line: append after whole ones
+        reporter.files.truncate_torn_tail(HISTORY_FILE)  # a rank 0 killed mid-append left half a line
     result: dict[str, Any] = {"step": state.step}
     first_step_logged = False
     vset = None
@@ -223,6 +223,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
         sums: dict[str, float] = {}
         volumes = 0
         tokens = 0
+        views = 0
         digest = hashlib.sha256()
         for micro in range(cfg.train.grad_accum):
             t_wait = time.perf_counter()
@@ -238,7 +239,9 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
                         metrics.record_corrupt_skipped(new, m["shard"])
                 corrupt_seen[m["worker"]] = m["corrupt"]
                 digest.update(f"{m['shard']}/{m['key']}/{m['pick']}/{m['crop_index']};".encode())
-            crops = batch["crop"].to(device=device, dtype=dtype, non_blocking=True)
+            # float32 crops: the views and reconstruction targets are cut from them; the model casts only
+            # the encoder's input to the engine's dtype (bf16 steps of ~8 HU would blur level-3 targets)
+            crops = batch["crop"].to(device=device, dtype=torch.float32, non_blocking=True)
             generator = torch.Generator(device=device).manual_seed(mask_seed(cfg.train.seed, state.step, micro, rank))
             out = engine(crops, generator=generator, progress=state.step / cfg.train.steps)
             engine.backward(out["total"])
@@ -247,12 +250,19 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
             for key, value in out.items():
                 if torch.is_tensor(value) and value.numel() == 1:
                     sums[key] = sums.get(key, 0.0) + float(value.detach().float())
-            tokens += int(out.get("tokens", torch.tensor(0)).item()) if "tokens" in out else 0
+            # the model reports tokens and views per crop; a micro-batch holds micro_batch crops
+            tokens += round(float(out["tokens"]) * crops.shape[0]) if "tokens" in out else 0
+            views += round(float(out["views"]) * crops.shape[0]) if "views" in out else 0
         state.step += 1
-        step_samples = cfg.train.micro_batch * cfg.train.grad_accum * world
-        state.samples_seen += step_samples
-        state.tokens_seen += tokens * world
         losses = {k: v / cfg.train.grad_accum for k, v in sums.items()}
+        # one all-reduce per step: counts summed over ranks, collapse monitors averaged over them
+        monitors = sorted(k for k in losses if k.startswith(("z_std", "zraw_std")))
+        totals = sum_over_ranks([tokens, views, volumes] + [losses[k] for k in monitors], device)
+        losses.update({k: totals[3 + i] / world for i, k in enumerate(monitors)})
+        state.samples_seen += cfg.train.micro_batch * cfg.train.grad_accum * world  # crops
+        state.tokens_seen += round(totals[0])
+        state.views_seen += round(totals[1])
+        state.volumes_seen += round(totals[2])
         step_seconds = clock.elapsed
         if not first_step_logged:
             result["time_to_first_step_s"] = time.perf_counter() - t_start
@@ -260,51 +270,57 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
 
         # one collective per step: loss finiteness, time- and signal-driven save requests
         due_time = cfg.train.checkpoint_minutes > 0 and time.monotonic() - last_save_time >= 60 * cfg.train.checkpoint_minutes
-        agreed = _agree([float(due_time), float(stop.sigterm or reporter.stop_requested()),
-                         float(not all(map(_finite, losses.values())))])
+        agreed = agree_max([float(due_time), float(stop.sigterm or reporter.stop_requested()),
+                         float(not all(map(_finite, losses.values())))], device)
         save_now = (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) \
             or agreed[0] > 0 or agreed[1] > 0 or state.step == cfg.train.steps
         grad_norm = engine.get_global_grad_norm()
         lr = scheduler.get_last_lr()[0] if scheduler is not None else 0.0
         peak = _peak_flops(cfg, device)
         mfu = (flops * cfg.train.micro_batch * cfg.train.grad_accum) / (step_seconds * peak) if peak else None
-        result = {"step": state.step, "samples_seen": state.samples_seen, "lr": lr, "step_seconds": step_seconds,
+        result = {"step": state.step, "samples_seen": state.samples_seen, "crops_seen": state.samples_seen,
+                  "volumes_seen": state.volumes_seen, "views_seen": state.views_seen, "tokens_seen": state.tokens_seen,
+                  "crops_per_step": recipe.crops_per_step, "lr": lr, "step_seconds": step_seconds,
                   "data_wait_seconds": clock.data_wait, "grad_norm": _to_float(grad_norm), "mfu": mfu,
                   "time_to_first_step_s": result.get("time_to_first_step_s"), "corrupt_skipped": corrupt_total,
                   "data_digest": digest.hexdigest()[:16], **losses}
         if vset is not None and (state.step % cfg.train.validate_every == 0 or state.step == cfg.train.steps):
             from mim_scale.engine.validate import evaluate
 
-            result.update(evaluate(engine.module, vset, dtype))  # every rank: ZeRO-3 forwards are collective
+            result.update(evaluate(engine.module, vset))  # every rank: ZeRO-3 forwards are collective
+            result["validation_set"] = vset.source  # "held-out" or "seen"
             if metrics is not None:
-                metrics.record_validation(state.step, {k: v for k, v in result.items() if k.startswith("val_")})
+                metrics.record_validation(state.step, {k: v for k, v in result.items() if k.startswith("val_")},
+                                          source=vset.source)
         if metrics is not None:
             metrics.record_step(step=state.step, step_seconds=step_seconds, data_wait_seconds=clock.data_wait,
-                                samples=cfg.train.micro_batch * cfg.train.grad_accum,
+                                crops=cfg.train.micro_batch * cfg.train.grad_accum, views=views,
                                 volumes=volumes,
                                 tokens=tokens, losses={k: v for k, v in losses.items() if k.startswith(("rec_", "align_", "total"))},
                                 lr=lr, grad_norm=_to_float(grad_norm), mfu=mfu,
                                 collapse_std={k: v for k, v in losses.items() if k.startswith("z_std")})
             metrics.record_device_memory()
         if rank == 0 and (state.step % cfg.train.log_every == 0 or save_now):
-            with open(history_path, "a") as f:
-                f.write(json.dumps({k: v for k, v in result.items() if v is not None and k != "data_digest"}) + "\n")
+            reporter.files.append_line(HISTORY_FILE, json.dumps({k: v for k, v in result.items()
+                                                                 if v is not None and k != "data_digest"}))
             log.info("step %d/%d total %.4f (%s) %.2fs/step, data wait %.2fs", state.step, cfg.train.steps,
                      losses.get("total", float("nan")), ", ".join(f"{k} {v:.3f}" for k, v in losses.items()
                                                                   if k.startswith(("rec", "align"))),
                      step_seconds, clock.data_wait)
         if on_step is not None:
             on_step(result)
+        if board is not None:
+            board.step(result)
         if agreed[2] > 0:
             raise FloatingPointError(f"non-finite loss at step {state.step} on some rank: {losses}")
 
         pictures_due = state.step % cfg.train.pictures_every == 0 if cfg.train.pictures_every else save_now
         if pictures_due:
-            _write_pictures(cfg, engine.module, crops, run_dir, state.step, history_path, rank)
+            _write_pictures(cfg, engine.module, crops, run_dir, state.step, history_path, rank, board)
         if save_now:
             state.losses = {k: v for k, v in losses.items() if _finite(v)}
             state.scheduler_epoch = int(scheduler.last_epoch) if scheduler is not None else state.step
-            state.corrupt_skipped += int(_sum_over_ranks(corrupt_here))
+            state.corrupt_skipped += int(sum_over_ranks([corrupt_here], device)[0])
             corrupt_here = 0
             t_save = time.perf_counter()
             scratch = reporter.scratch_dir(state.step)
@@ -317,21 +333,36 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
             if agreed[1] > 0:
                 log.warning("rank %d: SIGTERM received; checkpoint at step %d saved, stopping", rank, state.step)
                 break
+    if board is not None:
+        board.close()
     if metrics is not None:
         time.sleep(cfg.metrics.linger_seconds)
         metrics.close()
     return result
 
 
-def _count_attempt(run_dir: Path, rank: int) -> int:
+def _resolve_recipe(cfg: Config, world: int, run_dir: Path, rank: int):
+    """The config with this world size's batch, lr and schedule written in (:mod:`mim_scale.recipe`, the code
+    ``mim-scale plan`` prints from); rank 0 logs it and records it as ``RUN/recipe.json``."""
+    from mim_scale.recipe import apply, resolve, training_volume_count
+
+    recipe = resolve(cfg, world, training_volume_count(cfg))
+    if rank == 0:
+        log.info("recipe: %d workers x micro-batch %d crops x %d accumulation = %d crops per step, peak lr %.3g "
+                 "(%s), warm-up %d of %d steps", recipe.workers, recipe.micro_batch_crops, recipe.grad_accum,
+                 recipe.crops_per_step, recipe.peak_lr, recipe.lr_rule, recipe.warmup_steps, recipe.total_steps)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / RECIPE_FILE, json.dumps(recipe.as_dict(), indent=1))
+    return apply(cfg, recipe), recipe
+
+
+def _count_attempt(files: RunFiles, rank: int) -> int:
     """How many times this run started before (every rank gets the same number; rank 0 records this start)."""
-    path = run_dir / "attempts"
     _barrier()
-    previous = int(path.read_text()) if path.is_file() else 0
+    previous = int(files.read_text(ATTEMPTS_FILE) or 0)
     _barrier()
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, str(previous + 1))
+        files.write_text(ATTEMPTS_FILE, str(previous + 1))
     return previous
 
 
@@ -358,13 +389,6 @@ def _continue_state(saved: ckpt.TrainState, fresh: ckpt.TrainState, cfg: Config,
     return saved
 
 
-def _sum_over_ranks(x: float) -> float:
-    t = torch.tensor([x], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item())
-
-
 def _finite(x: float) -> bool:
     return x == x and x not in (float("inf"), float("-inf"))
 
@@ -387,55 +411,51 @@ def _peak_flops(cfg: Config, device: torch.device) -> float:
     return 0.0
 
 
-def _start_metrics(cfg: Config, run_dir: Path, rank: int, restarts: int):
+def _start_metrics(cfg: Config, files: RunFiles, run: str, rank: int, restarts: int):
+    """Serve this rank's /metrics on ``metrics.addr`` (the launcher resolved "auto" to the Ray node's IP) and
+    send its file_sd entry to the run folder (``prometheus_targets/rank-N.json``, :mod:`mim_scale.rundir`)."""
     if not cfg.metrics.enabled:
         return None
-    from mim_scale.metrics import TrainMetrics, write_file_sd
+    from mim_scale.metrics import TrainMetrics, file_sd_text, write_file_sd
 
-    port = cfg.metrics.port + rank if cfg.metrics.port else 0
-    run = Path(run_dir).name
-    metrics = TrainMetrics(run, rank, addr=cfg.metrics.addr, port=port)
+    metrics = TrainMetrics.from_config(cfg.metrics, run, rank)
     metrics.set_restarts(restarts)
-    targets_dir = Path(cfg.metrics.targets_file) if cfg.metrics.targets_file else Path(run_dir) / "prometheus_targets"
-    targets_dir.mkdir(parents=True, exist_ok=True)
-    host = cfg.metrics.addr if cfg.metrics.addr not in ("0.0.0.0", "") else _hostname()
-    write_file_sd(targets_dir / f"rank-{rank}.json", [f"{host}:{metrics.port}"], {"run": run, "rank": str(rank)})
-    log.info("rank %d serves metrics on http://%s:%d/metrics", rank, host, metrics.port)
+    labels = {"run": run, "rank": str(rank)}
+    files.write_text(targets_file(rank), file_sd_text([{"targets": [metrics.target], "labels": labels}]))
+    if cfg.metrics.targets_file:  # a copy for an operator's own Prometheus, in a folder every node shares
+        write_file_sd(Path(cfg.metrics.targets_file) / f"rank-{rank}.json", [metrics.target], labels)
+    log.info("rank %d serves metrics on http://%s/metrics", rank, metrics.target)
     return metrics
 
 
-def _hostname() -> str:
-    import socket
-
-    return socket.gethostname()
-
-
 def _write_pictures(cfg: Config, model, crops: torch.Tensor, run_dir: Path, step: int, history_path: Path,
-                    rank: int) -> None:
+                    rank: int, board=None) -> None:
     """Reconstruction and loss-curve PNGs beside the run (``train.pictures_every`` steps, else at each
-    checkpoint), written by rank 0. Under ZeRO-3 a forward gathers parameters collectively, so every rank
-    runs it; otherwise the other ranks skip it."""
+    checkpoint), written by rank 0 (and the reconstruction to TensorBoard). Under ZeRO-3 a forward gathers
+    parameters collectively, so every rank runs it; otherwise the other ranks skip it."""
     if rank != 0 and cfg.train.zero_stage != 3:
         return
     try:
-        from mim_scale.pictures import save_loss_curves_png, save_reconstruction_png
+        from mim_scale.pictures import method_reconstruction, save_loss_curves_png, save_method_png, zero_losses_for_run
     except ImportError:
         return
     pictures = Path(run_dir) / "pictures"
     pictures.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        generator = torch.Generator(device=crops.device).manual_seed(cfg.train.seed)
-        recon = model.reconstruct(crops[:2], generator=generator)
+    with torch.no_grad():  # one chain of views with tissue in it, from this step's crops (one forward)
+        picture = method_reconstruction(model, crops, seed=cfg.train.seed)
     model.train(was_training)
     if rank != 0:
         return
-    save_reconstruction_png(recon, pictures / f"reconstruction_step{step:07d}.png")
-    save_reconstruction_png(recon, pictures / "reconstruction_latest.png")
+    title = f"{Path(run_dir).name} step {step}"
+    png = save_method_png(picture, pictures / f"reconstruction_step{step:07d}.png", title=title)
+    save_method_png(picture, pictures / "reconstruction_latest.png", title=title)
+    if board is not None:
+        board.image("reconstruction", png, step)
     if history_path.is_file():
         history = read_jsonl(history_path)  # to the last complete line
-        save_loss_curves_png(history, pictures / "loss_curves.png")
+        save_loss_curves_png(history, pictures / "loss_curves.png", zeros=zero_losses_for_run(cfg, run_dir))
 
 
 def configure_logging() -> None:
