@@ -9,4 +9,12 @@ def __getattr__(name: str):
         from mim_scale import export
 
         return getattr(export, name)
+    if name == "load_bundle_network":  # a MONAI bundle from `mim-scale export --format monai-bundle`
+        from mim_scale import monai_bundle
+
+        return monai_bundle.load_bundle_network
+    if name == "list_exports":  # the exports under a folder or an s3:// prefix (`mim-scale models list`)
+        from mim_scale import catalogue
+
+        return catalogue.catalogue
     raise AttributeError(f"module 'mim_scale' has no attribute {name!r}")
