@@ -115,6 +115,8 @@ def export_run(run: Path, out: str | Path, *, dtype: str = "float32", full_state
         raise UserFacingError(f"unknown dtype {dtype!r} (one of {', '.join(sorted(_DTYPES))})")
     from mim_scale import monai_bundle
 
+    if fmt == "monai-bundle" and (full_state or evaluation is not None):
+        raise UserFacingError("--full and --evaluation belong to the export folder format, not a MONAI bundle")
     if monai_bundle.is_finetune_run(Path(run)):
         if fmt != "monai-bundle":
             raise UserFacingError(f"{run}: a fine-tuning run exports as --format monai-bundle (its network and head)")
