@@ -27,9 +27,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-STOP_FILE = "STOP"
-DRIVER_FILE = "launcher.json"
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+from mim_scale import rundir
+from mim_scale.rundir import DRIVER_FILE, SNAPSHOT_FILE, STOP_FILE  # noqa: F401 - the names other modules import here
 
 
 # ------------------------------------------------------------------ paths that may be URIs
@@ -207,7 +206,7 @@ def run_status(run_dir: str, *, probe: bool = True) -> dict[str, Any]:
     status["driver"] = {k: driver.get(k) for k in ("host", "pid", "address", "ray_address", "launches", "error")
                         if driver.get(k) is not None}
 
-    history = read_text(_join(run_dir, "history.jsonl"))
+    history = read_text(_join(run_dir, rundir.HISTORY_FILE))
     last = None
     if history:
         for line in reversed(history.splitlines()):
@@ -231,9 +230,10 @@ def run_status(run_dir: str, *, probe: bool = True) -> dict[str, Any]:
 
     workers = []
     if "://" not in run_dir:
-        for record in sorted(Path(run_dir, "workers").glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+        records = [p for p in Path(run_dir, rundir.WORKERS_DIR).glob("rank-*.json") if rundir.rank_of(p.name) is not None]
+        for record in sorted(records, key=lambda p: rundir.rank_of(p.name)):
             w = _read_json(str(record)) or {}
-            target_file = _read_json(str(Path(run_dir, "prometheus_targets", record.name))) or []
+            target_file = _read_json(str(Path(run_dir, rundir.targets_file(rundir.rank_of(record.name))))) or []
             targets = [t for group in target_file for t in group.get("targets", [])]
             w = {k: w.get(k) for k in ("rank", "host", "pid", "node_id", "world_size")}
             w["metrics"] = targets[0] if targets else None

@@ -1,10 +1,11 @@
 """``mim-scale monitor RUN_DIR``: a local Prometheus watching one run, in one command.
 
 It copies the shipped ``launcher/monitoring/prometheus.yml`` and ``alerts.yml`` into
-``RUN_DIR/monitor/``, points the file_sd entry at the run's targets file (the one the launcher
-writes, ``RUN_DIR/prometheus_targets.json`` by default), and starts Prometheus on
-``127.0.0.1:PORT`` with its data in ``RUN_DIR/monitor/data``. Nothing is installed and no daemon is
-left behind: the server runs in the foreground until Ctrl-C (or ``--duration`` seconds).
+``RUN_DIR/monitor/``, points the file_sd entry at the run's targets (one file per rank, which every worker
+sends to the driver's run folder: ``RUN_DIR/prometheus_targets/*.json``, :mod:`mim_scale.rundir`), and starts
+Prometheus on ``127.0.0.1:PORT`` with its data in ``RUN_DIR/monitor/data``. Nothing is installed and no daemon
+is left behind: the server runs in the foreground until Ctrl-C, SIGTERM (or ``--duration`` seconds), and is
+stopped with it.
 
 The binary comes from ``--prometheus``, else ``MIM_SCALE_PROMETHEUS``, else ``prometheus`` on PATH,
 else the unpacked Debian package of ``scripts/install_prometheus.sh .cache/prometheus`` in a checkout.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,9 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from mim_scale import rundir
 from mim_scale.errors import UserFacingError
-
-DEFAULT_TARGETS_NAME = "prometheus_targets.json"
 
 
 def monitoring_dir() -> Path:
@@ -74,9 +75,9 @@ def write_local_config(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserFacingError(f"{run_dir}: not a run directory (it does not exist)")
-    out = Path(out_dir) if out_dir is not None else run_dir / "monitor"
+    out = Path(out_dir) if out_dir is not None else run_dir / rundir.MONITOR_DIR
     out.mkdir(parents=True, exist_ok=True)
-    targets = Path(targets_file) if targets_file else run_dir / DEFAULT_TARGETS_NAME
+    targets = Path(targets_file) if targets_file else rundir.targets_glob(run_dir)
     src = monitoring_dir()
     cfg = yaml.safe_load((src / "prometheus.yml").read_text())
     shutil.copy(src / "alerts.yml", out / "alerts.yml")
@@ -86,7 +87,8 @@ def write_local_config(
     for job in cfg["scrape_configs"]:
         job["scrape_interval"] = scrape_interval
         job["scrape_timeout"] = scrape_interval
-        job["file_sd_configs"] = [{"files": [str(targets.resolve())], "refresh_interval": scrape_interval}]
+        job["file_sd_configs"] = [{"files": [str(targets.parent.resolve() / targets.name)],
+                                   "refresh_interval": scrape_interval}]
     path = out / "prometheus.yml"
     path.write_text(
         f"# Written by `mim-scale monitor` from {src / 'prometheus.yml'}; edit that one.\n"
@@ -158,7 +160,26 @@ def start_local_prometheus(
     raise UserFacingError(f"prometheus on {addr}:{port} not ready after {ready_timeout}s (log {log_path})")
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived: stop Prometheus as on Ctrl-C (a service manager, ``timeout`` or ``kill`` sends it)."""
+
+
+def _on_sigterm(*_) -> None:
+    raise _Terminated
+
+
 def _run(args: argparse.Namespace) -> int:
+    try:  # before the child exists: no window without it
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (embedded, tests): the caller owns the signals
+        return _serve(args)
+    try:
+        return _serve(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve(args: argparse.Namespace) -> int:
     proc = start_local_prometheus(
         args.run_dir,
         port=args.port,
@@ -169,14 +190,14 @@ def _run(args: argparse.Namespace) -> int:
     )
     host = "127.0.0.1" if args.addr in ("", "0.0.0.0") else args.addr
     run_dir = Path(args.run_dir)
-    targets = Path(args.targets) if args.targets else run_dir / DEFAULT_TARGETS_NAME
-    print(f"prometheus: http://{host}:{args.port}  (pid {proc.pid}, log {run_dir / 'monitor' / 'prometheus.log'})")
+    targets = Path(args.targets) if args.targets else rundir.targets_glob(run_dir)
+    print(f"prometheus: http://{host}:{args.port}  (pid {proc.pid}, log {run_dir / rundir.MONITOR_DIR / 'prometheus.log'})")
     print(f"targets file: {targets}")
     print(f"try: curl 'http://{host}:{args.port}/api/v1/query?query=mim_step'")
     sys.stdout.flush()
     try:
         proc.wait(timeout=args.duration)  # None: until Prometheus exits or Ctrl-C
-    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+    except (KeyboardInterrupt, _Terminated, subprocess.TimeoutExpired):
         pass
     finally:
         if proc.poll() is None:
@@ -197,10 +218,11 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (holds prometheus_targets.json)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (holds prometheus_targets/rank-N.json)")
     p.add_argument("--port", type=int, default=9090, help="Prometheus listen port (default 9090)")
     p.add_argument("--addr", default="127.0.0.1", help="Prometheus listen address (default 127.0.0.1)")
-    p.add_argument("--targets", default=None, help="file_sd targets file (default RUN_DIR/prometheus_targets.json)")
+    p.add_argument("--targets", default=None,
+                   help="file_sd targets file or pattern (default RUN_DIR/prometheus_targets/*.json)")
     p.add_argument("--prometheus", default=None, help="prometheus binary (default: see below)")
     p.add_argument("--scrape-interval", default="5s", help="scrape and rule interval (default 5s)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until Ctrl-C)")

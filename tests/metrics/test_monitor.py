@@ -1,4 +1,5 @@
-"""`mim-scale monitor RUN_DIR`: a local Prometheus against a local run's targets file."""
+"""`mim-scale monitor RUN_DIR`: a local Prometheus against a local run's targets (RUN/prometheus_targets/rank-N.json,
+the files the workers send to the driver's run folder); SIGTERM takes its Prometheus down as Ctrl-C does."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from mim_scale import rundir
 from mim_scale.errors import UserFacingError
 from mim_scale.metrics import TrainMetrics, write_file_sd
 from mim_scale.monitor import find_prometheus, register, write_local_config
@@ -27,7 +29,7 @@ def test_monitor_subcommand_scrapes_the_run(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     worker = TrainMetrics("local-run", 0)
-    write_file_sd(run_dir / "prometheus_targets.json", [worker.target], {"run": "local-run"})
+    write_file_sd(run_dir / rundir.targets_file(0), [worker.target], {"run": "local-run"})  # what a worker sends
     worker.record_step(7, 0.1, 0.0, 1, 1, 1, {"rec_l1": 0.5, "total": 0.5}, lr=1e-3)
 
     parser = argparse.ArgumentParser()
@@ -79,3 +81,36 @@ def test_errors_name_the_problem(tmp_path, monkeypatch):
     monkeypatch.setenv("MIM_SCALE_PROMETHEUS", str(tmp_path / "nope"))
     with pytest.raises(UserFacingError, match="install_prometheus.sh"):
         find_prometheus()
+
+
+def test_sigterm_stops_monitor_and_its_prometheus(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mim_scale.cli", "monitor", str(run_dir), "--port", str(port),
+                             "--prometheus", str(find_binary())], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # printed once Prometheus is ready
+        assert line.startswith("prometheus: "), line
+        child = int(line.split("(pid ")[1].split(",")[0])
+        os.kill(child, 0)  # Prometheus is up
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail(f"monitor exited on SIGTERM but left its Prometheus (pid {child}) running")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
