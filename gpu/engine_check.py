@@ -4,8 +4,9 @@ Run by ``gpu/run_all.sh`` on a lent GPU machine (no network there); results as J
 ``--json``. Input crops are HU-realistic synthetic phantoms cut to the crop size (this check measures
 speed, not learning; the CPU tests cover learning on real CT).
 
-    python gpu/engine_check.py --json out.json                 # base (plain torch) + large (ZeRO-3)
-    python gpu/engine_check.py --only base --steps 5
+    python gpu/engine_check.py --json out.json                 # base (plain torch) + large + huge
+    python gpu/engine_check.py --only large --steps 3 --append --json engine.json   # ZeRO-3
+    python gpu/engine_check.py --only huge --steps 2 --append --json engine.json    # ZeRO-3 + CPU offload
 
 The engine part uses one process (world size 1) with NCCL: ZeRO-3 still partitions, gathers and
 re-partitions every parameter, so its overhead is measured; memory savings need several GPUs.
@@ -74,8 +75,9 @@ def time_plain(size: str, steps: int, batch: int) -> dict:
             "loss": float(out["total"].detach()), "params": sum(p.numel() for p in model.parameters())}
 
 
-def time_deepspeed(size: str, steps: int, batch: int, zero: int) -> dict:
-    """The project's DeepSpeed engine (bf16, ZeRO stage ``zero``, FusedAdam) on one GPU."""
+def time_deepspeed(size: str, steps: int, batch: int, zero: int, offload: bool = False) -> dict:
+    """The project's DeepSpeed engine (bf16, ZeRO stage ``zero``, FusedAdam, or DeepSpeedCPUAdam with the
+    optimizer state offloaded to CPU) on one GPU: step time and peak GPU memory."""
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -89,7 +91,8 @@ def time_deepspeed(size: str, steps: int, batch: int, zero: int) -> dict:
     from mim_scale.model import build_model, flops_per_sample
 
     cfg = load_config(size, [f"train.zero_stage={zero}", "launch.use_gpu=true", f"train.micro_batch={batch}",
-                             "train.precision=bf16", "train.steps=100"])
+                             "train.precision=bf16", "train.steps=100",
+                             f"train.offload_optimizer={'true' if offload else 'false'}"])
     init_distributed(True)
     torch.cuda.set_device(0)
     model = build_model(cfg)
@@ -109,7 +112,8 @@ def time_deepspeed(size: str, steps: int, batch: int, zero: int) -> dict:
         times.append(time.perf_counter() - t)
     step = sorted(times[2:])[len(times[2:]) // 2]
     flops = flops_per_sample(cfg) * batch
-    return {"size": size, "mode": f"deepspeed zero{zero} bf16 FusedAdam", "batch": batch, "step_s": step,
+    mode = f"deepspeed zero{zero} bf16 " + ("optimizer offloaded to CPU (DeepSpeedCPUAdam)" if offload else "FusedAdam")
+    return {"size": size, "mode": mode, "batch": batch, "step_s": step,
             "engine_build_s": build_s, "crops_per_s": batch / step,
             "mfu": flops / step / peak_flops() if peak_flops() else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(out["total"].float()),
@@ -147,7 +151,9 @@ def profile_plain(size: str, batch: int, top: int = 20) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["base", "large"], default=None)
+    p.add_argument("--only", choices=["base", "large", "huge"], default=None,
+                   help="base: plain-torch step + profile; large: ZeRO-3; huge: ZeRO-3 + CPU optimizer offload")
+    p.add_argument("--append", action="store_true", help="add to the runs already in --json (one process per size)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -155,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         print("engine_check: no CUDA device", file=sys.stderr)
         return 2
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+    if args.append and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            results["runs"] = json.load(f).get("runs", [])
+
+    first_new = len(results["runs"])
 
     def record(fn, *a):
         try:
@@ -172,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         for batch in (1, 4):
             record(time_plain, "base", args.steps, batch)
     if args.only in (None, "large"):
-        record(time_deepspeed, "large", args.steps, 2, 3)
+        record(time_deepspeed, "large", args.steps, 1, 3)  # the recipe's micro-batch
+    if args.only in (None, "huge"):
+        record(time_deepspeed, "huge", args.steps, 1, 3, True)
     if args.only in (None, "base"):
         record(profile_plain, "base", 1)
-    return 0 if all("error" not in r for r in results["runs"]) else 1
+    return 0 if all("error" not in r for r in results["runs"][first_new:]) else 1
 
 
 if __name__ == "__main__":

@@ -5,15 +5,21 @@
 #
 #   OUT=/some/dir bash gpu/run_all.sh
 #
-# Files written (the device tool returns at most 8 files from $OUT, so steps share them sparingly):
-#   summary.txt       machine, versions, how the package was made importable, one line per step
-#   ops_parity.txt    every Triton kernel vs its torch reference on CUDA, small + full-size cases
-#   ops_bench.txt     kernels vs eager/torch.compile, bandwidth vs peak, end-to-end MiM step
-#   ops_bench.json    the same figures, machine-readable
-#   engine.txt/.json  MiM step time, MFU and peak memory: base (torch) and large (DeepSpeed ZeRO-3)
-#   depthwise.txt/.json  depthwise conv fwd / fwd+bwd per layout and backward variant, base shapes
-#   gpu_tests.txt     pytest -m gpu
-# Extend with more `step NAME SECONDS command...` lines (the lead adds the engine checks here).
+# Carry (device tool): [".whl", ".sample-ct", ".gpu-shards"], all made by gpu/prepare_wheels.sh here.
+# Files written under $OUT, in the order the steps run (riskiest first):
+#   summary.txt            machine, versions, how the package was made importable, one line per step
+#   train.txt/.json        (a) base, DeepSpeed ZeRO-2, NCCL, through run_training: steps + crops/s, checkpoint,
+#                          resume, export (gpu/train_check.py)
+#   profile.txt/.json      (b) top CUDA kernels of a base step through run_training; the depthwise conv's
+#                          kernels per pass; conv stages eager vs torch.compile at 1/2/4/8 crops
+#   depthwise.txt/.json    depthwise conv fwd / fwd+bwd per layout and backward variant, base shapes
+#   ops_parity.txt         (c) every Triton kernel vs its torch reference on CUDA, small + full-size cases
+#   ops_bench.txt/.json    (c) each kernel vs eager and torch.compile at base shapes, `auto`'s decisions, and
+#                          the end-to-end MiM step with backends reference / auto / all kernels
+#   memory_*.txt, engine.json  (d) large (ZeRO-3) and huge (ZeRO-3 + CPU offload): step time, peak memory
+#   throughput.txt/.json   (e) crops/s per size and card, entries for mim_scale/configs/throughput.json
+#   gpu_tests.txt          pytest -m gpu
+# Python parts run on CPU in CI at tiny sizes (tests/gpu). Ray is not used here (see below).
 
 set -u
 : "${OUT:?set OUT to the folder that receives the results}"
@@ -28,9 +34,16 @@ FAILED=0
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
 # step NAME SECONDS CMD...: run CMD with a time limit, output to $OUT/NAME.txt, status to the summary.
+BUDGET_S=${BUDGET_S:-540}
 step() {
     local name=$1 limit=$2; shift 2
     local t0=$SECONDS rc
+    if [ $((SECONDS + 10)) -gt "$BUDGET_S" ]; then
+        say "step $name: SKIPPED (total budget ${BUDGET_S}s spent at ${SECONDS}s)"
+        FAILED=$((FAILED + 1))
+        return
+    fi
+    [ $((SECONDS + limit)) -gt "$BUDGET_S" ] && limit=$((BUDGET_S - SECONDS))
     echo "=== $name (limit ${limit}s): $*"
     timeout -k 10 "$limit" "$@" >"$OUT/$name.txt" 2>&1
     rc=$?
@@ -107,17 +120,45 @@ for cand in "${MIM_SCALE_SAMPLE_DATA:-}/abdomen_pelvis_ct.nii.gz" "$REPO/shared/
     if [ -f "$cand" ]; then CT_ARGS=(--ct "$cand"); break; fi
 done
 
-# --- ops: parity of every kernel on CUDA (compiled), then the benchmark (< 3 minutes on an H100/H200)
-step ops_parity 120 $PY -m mim_scale.ops.parity --device cuda --big ${CT_ARGS[@]+"${CT_ARGS[@]}"}
-step ops_bench 180 $PY -m mim_scale.ops.bench --json "$OUT/ops_bench.json"
-# --- engine: base MiM step (plain torch, bf16 autocast) and a short `large` DeepSpeed ZeRO-3 run: step
-# time, MFU, peak memory (engine.json)
+# Steps run in order of risk, each bounded, within a total budget (BUDGET_S, default 540 s: the device tool's
+# per-call limit is 600 s); a step that would start past the budget is skipped and says so.
+# Ray stays off the GPU machine: no Ray wheel fits the carry limit, and one GPU needs no cluster; the engine
+# runs through the project's non-Ray entry point (python -m mim_scale.engine.local: RANK/WORLD_SIZE as
+# under torchrun, NCCL), which calls run_training exactly as a Ray worker does.
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
-step engine 180 $PY gpu/engine_check.py --json "$OUT/engine.json"
-# --- the depthwise 5x5x5 convs that bound the step: layouts and backward variants at base shapes
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+WORK=${WORK:-/tmp/gpu_work}
+mkdir -p "$WORK"
+SHARD_ARGS=()
+if [ -f "$REPO/.gpu-shards/manifest.json" ]; then
+    SHARD_ARGS=(--shards "$REPO/.gpu-shards")
+    SHARDS=$REPO/.gpu-shards
+else  # built by train_check from the carried CT (needs nibabel from .whl)
+    SHARD_ARGS=(${CT_ARGS[@]+"${CT_ARGS[@]}"})
+    SHARDS=$WORK/shards
+fi
+say "shards: ${SHARD_ARGS[*]:-none (train/profile steps will fail: carry .gpu-shards or .sample-ct)}"
+
+# (a) the DeepSpeed engine through run_training on 1 GPU, NCCL: base ZeRO-2 steps, checkpoint, resume, export
+step train 170 $PY gpu/train_check.py --config base --zero 2 --steps 4 --checkpoint-every 2 --more-steps 2 \
+    --work "$WORK" ${SHARD_ARGS[@]+"${SHARD_ARGS[@]}"} --json "$OUT/train.json"
+# (b) per-kernel profile of the base step through run_training; the depthwise conv's kernels (fwd, dgrad,
+# wgrad); conv stages eager vs torch.compile at 1/2/4/8 crops
+step profile 120 $PY gpu/profile_check.py --shards "$SHARDS" --batches 1,2,4,8 --budget-s 100 --json "$OUT/profile.json"
+# the depthwise conv alone: layouts (channels-last vs contiguous) and backward variants at base shapes
 step depthwise 40 $PY gpu/depthwise_check.py --json "$OUT/depthwise.json"
-# --- the gpu-marked tests (CUDA paths of the kernels and the metrics)
-step gpu_tests 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/metrics tests/finetune
+# (c) every kernel's parity on CUDA (the masked depthwise conv included), then its speed vs eager and compile
+step ops_parity 60 $PY -m mim_scale.ops.parity --device cuda --big ${CT_ARGS[@]+"${CT_ARGS[@]}"}
+step ops_bench 110 $PY -m mim_scale.ops.bench --budget-s 70 --json "$OUT/ops_bench.json"
+# (d) peak memory: large under ZeRO-3, huge under ZeRO-3 + CPU optimizer offload (one process each)
+step memory_large 60 $PY gpu/engine_check.py --only large --steps 2 --append --json "$OUT/engine.json"
+step memory_huge 90 $PY gpu/engine_check.py --only huge --steps 1 --append --json "$OUT/engine.json"
+# (e) measured crops/s per size and card, as throughput.json entries (merge later with --merge/--into)
+step throughput 20 $PY gpu/throughput.py --train "$OUT/train.json" --engine "$OUT/engine.json" \
+    --source-dir "docs/gpu-results/$(date -u +%F)-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | awk '{print tolower($NF)}')" \
+    --out "$OUT/throughput.json"
+# the gpu-marked tests (CUDA paths of the kernels and the metrics), if time is left
+step gpu_tests 45 $PY -m pytest -q -p no:cacheprovider -x -m gpu tests/ops tests/metrics tests/finetune
 
 say "failed steps: $FAILED"
 exit "$FAILED"
