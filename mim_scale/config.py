@@ -172,6 +172,7 @@ class MetricsConfig:
     targets_file: str = ""  # Prometheus file_sd JSON; "" = <run>/prometheus_targets.json
     device_peak_flops: float = 0.0  # 0 = look up the device; used for MFU
     linger_seconds: float = 0.0  # keep /metrics up this long after the run ends, for a last scrape
+    tensorboard: bool = True  # rank 0 writes RUN/tensorboard/ when the tensorboard package is installed
 
 
 @dataclass(frozen=True)

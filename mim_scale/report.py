@@ -61,7 +61,7 @@ def reconstruction_from_checkpoint(run_dir: Path, out_png: Path, crops: int = 2)
     from mim_scale.data.stream import make_loader, manifest_shards
     from mim_scale.engine import checkpoint as ckpt
     from mim_scale.model import build_model
-    from mim_scale.pictures import save_reconstruction_png
+    from mim_scale.pictures import method_reconstruction, save_method_png
 
     ckpt_dir = ckpt.latest_checkpoint(run_dir)
     state = ckpt.TrainState.read(ckpt_dir)
@@ -71,15 +71,16 @@ def reconstruction_from_checkpoint(run_dir: Path, out_png: Path, crops: int = 2)
     model.eval()
     loader = make_loader(cfg.data, manifest_shards(cfg.data), rank=0, world_size=1, batch_size=crops)
     batch = next(iter(loader))
-    with torch.no_grad():
-        recon = model.reconstruct(batch["crop"], generator=torch.Generator().manual_seed(cfg.train.seed))
-    save_reconstruction_png(recon, out_png, title=f"{Path(run_dir).name} step {state.step}")
+    with torch.no_grad():  # the chain of views with the most tissue, as the run's own pictures
+        picture = method_reconstruction(model, batch["crop"], seed=cfg.train.seed)
+    save_method_png(picture, out_png, title=f"{Path(run_dir).name} step {state.step}")
     return out_png
 
 
 def report(run_dir: Path, *, pictures: bool = True) -> dict[str, Any]:
     from mim_scale.engine import checkpoint as ckpt
-    from mim_scale.pictures import save_loss_curves_png
+    from mim_scale.config import from_dict
+    from mim_scale.pictures import save_loss_curves_png, zero_losses_for_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -107,7 +108,8 @@ def report(run_dir: Path, *, pictures: bool = True) -> dict[str, Any]:
         pic_dir = run_dir / "pictures"
         pic_dir.mkdir(exist_ok=True)
         if history:
-            out["loss_curves"] = save_loss_curves_png(history, pic_dir / "loss_curves.png") or pic_dir / "loss_curves.png"
+            zeros = zero_losses_for_run(from_dict(state.config), run_dir) if state is not None else None
+            out["loss_curves"] = save_loss_curves_png(history, pic_dir / "loss_curves.png", zeros=zeros)
             print(f"  loss curves: {out['loss_curves']}")
         if checkpoints:
             out["reconstruction"] = reconstruction_from_checkpoint(run_dir, pic_dir / "reconstruction_report.png")
