@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a downstream protocol TOML (arms x seeds: pre-train at equal FLOPs, export, fine-tune, probe; "
                         "see mim_scale/finetune/protocol.py); --out is its JSON report (PNG beside it), --work its "
                         "resumable run folder")
+    e.add_argument("--report-only", action="store_true",
+                   help="with --protocol: run nothing, report the units finished so far under --work")
     e.add_argument("--init", action="append", default=[], help="exported encoder or 'scratch' (repeatable)")
     e.add_argument("--no-scratch", action="store_true", help="with --init: do not add a scratch baseline")
     e.add_argument("--data", default=None, help="dataset JSON/CSV (default with --run: the run's own)")
@@ -87,7 +89,7 @@ def _evaluate(args) -> int:
 
         command = "mim-scale evaluate --protocol {} --out {}".format(args.protocol, args.out) + (
             f" --work {args.work}" if args.work else "")
-        run_protocol(args.protocol, args.out, work=args.work, command=command, log=_log)
+        run_protocol(args.protocol, args.out, work=args.work, command=command, log=_log, report_only=args.report_only)
         return 0
     if args.run:
         evaluate_run(args.run, data=args.data, out=args.out, log=_log)

@@ -409,8 +409,13 @@ def _identity(spec: ProtocolSpec, vols: dict[str, dict[str, Any]], rec) -> dict[
 
 
 def run_protocol(protocol: str | Path, report: str | Path, work: str | Path | None = None,
-                 command: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) every unit of the protocol; write the JSON report and its PNG; return the report."""
+                 command: str | None = None, log: Callable[[str], None] = print,
+                 report_only: bool = False) -> dict[str, Any]:
+    """Run (or resume) every unit of the protocol; write the JSON report and its PNG; return the report.
+
+    ``report_only``: run nothing; report the units already finished under ``work`` (``complete`` false and
+    ``missing_units`` listed when some are not), e.g. to look at a long run while it is still going.
+    """
     t_start = time.perf_counter()
     spec = load_protocol(protocol)
     report = Path(report)
@@ -436,6 +441,7 @@ def run_protocol(protocol: str | Path, report: str | Path, work: str | Path | No
     pretrained_arms = [a for a in spec.arms if ARMS[a] is not None]
     volumes_hu = None
     units: dict[str, Any] = {"pretrain": {}, "finetune": {}, "probe": {}}
+    missing: list[str] = []
     from mim_scale.finetune.probe import linear_probe
     from mim_scale.finetune.train import finetune
 
@@ -447,6 +453,9 @@ def run_protocol(protocol: str | Path, report: str | Path, work: str | Path | No
                 unit = work / "pretrain" / arm / f"seed{pseed}"
                 if (unit / "pretrain.json").is_file() and (unit / "export" / "config.json").is_file():
                     res = read_json(unit / "pretrain.json")
+                elif report_only:
+                    missing.append(f"pretrain/{arm}/seed{pseed}")
+                    continue
                 else:
                     if volumes_hu is None:
                         volumes_hu = load_pretrain_volumes([vols[n]["image"] for n in spec.pretrain], rec)
@@ -460,6 +469,9 @@ def run_protocol(protocol: str | Path, report: str | Path, work: str | Path | No
                 done = unit / "unit.json"
                 if done.is_file():
                     res = read_json(done)
+                elif report_only:
+                    missing.append(f"finetune/{regime}/{arm}/seed{seed}")
+                    continue
                 else:
                     log(f"protocol: fine-tune {regime} {arm} seed {seed}")
                     summary = finetune(data, init, unit / "run", recipe=seeded,
@@ -473,6 +485,9 @@ def run_protocol(protocol: str | Path, report: str | Path, work: str | Path | No
                 done = work / "probe" / arm / f"seed{seed}.json"
                 if done.is_file():
                     res = read_json(done)
+                elif report_only:
+                    missing.append(f"probe/{arm}/seed{seed}")
+                    continue
                 else:
                     log(f"protocol: linear probe {arm} seed {seed}")
                     res = linear_probe(datasets["full"], init, seeded, steps=spec.probe_steps, lr=spec.probe_lr,
@@ -481,6 +496,7 @@ def run_protocol(protocol: str | Path, report: str | Path, work: str | Path | No
                     write_json(done, res)
                 units["probe"][f"{arm}/{seed}"] = res
     result = build_report(spec, vols, rec, units, command=command)
+    result["complete"], result["missing_units"] = not missing, missing
     result["wall_seconds"]["this_invocation"] = time.perf_counter() - t_start
     result["work"] = str(work.resolve())
     write_json(report, result)
@@ -529,7 +545,9 @@ def _arm_table(by_arm: dict[str, dict[int, dict[str, Any]]], test: tuple[str, ..
                 [d for d in cells.values() if d is not None], n_boot, seed=1),
         }
     paired: dict[str, Any] = {}
-    refs = ["scratch"] + (["mae"] if has_mae else [])
+    if "scratch" not in by_arm:  # a partial report before any scratch run finished
+        return {"arms": arms, "paired": paired, "noise_floor": {"mean_dice": None, "why_null": "no scratch run yet"}}
+    refs = ["scratch"] + (["mae"] if has_mae and "mae" in by_arm else [])
     for ref in refs:
         for arm in by_arm:
             if arm == ref or (ref == "mae" and arm == "scratch"):
@@ -619,6 +637,12 @@ def draw_report(result: dict[str, Any], path: Path) -> Path:
         panels.append(("linear probe", result["probe"]))
     classes = result["classes"]
     groups = classes + ["mean"]
+    if not panels:
+        fig = Figure(figsize=(6, 2))
+        FigureCanvasAgg(fig)
+        fig.text(0.5, 0.5, f"{result['name']}: no finished units yet", ha="center")
+        fig.savefig(str(path), dpi=90)
+        return Path(path)
     fig = Figure(figsize=(max(8.0, 1.3 * len(groups) * len(result["arms"]) / 2), 3.6 * len(panels)))
     FigureCanvasAgg(fig)
     width = 0.8 / len(result["arms"])
@@ -663,5 +687,37 @@ def draw_report(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _fmt_iv(iv: dict[str, Any] | None) -> str:
+    if not iv or iv.get("mean") is None:
+        return "n/a"
+    return f"{iv['mean']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]"
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The report's headline table (mean Dice per arm and regime, gains with intervals, noise floor) as Markdown."""
+    panels = [(f"fine-tune, {r}", t) for r, t in result["regimes"].items()]
+    if result.get("probe"):
+        panels.append(("linear probe", result["probe"]))
+    lines = ["| regime | arm | mean Dice (mean ± std over seeds) | "
+             + " | ".join(result["classes"]) + " | vs scratch [95 % CI] | vs MAE [95 % CI] |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in result["classes"]) + " | --- | --- |"]
+    for title, table in panels:
+        for arm in result["arms"]:
+            a = table["arms"].get(arm)
+            if a is None:
+                continue
+            m = a["mean_dice"]
+            std = f" ± {m['std']:.3f}" if m.get("std") is not None else ""
+            per = [a["per_class_dice"][c]["mean"] for c in result["classes"]]
+            cls = " | ".join("n/a" if v is None else f"{v:.3f}" for v in per)
+            vs_s = "" if arm == "scratch" else _fmt_iv(table["paired"].get(f"{arm} - scratch", {}).get("mean_dice"))
+            vs_m = "" if arm in ("scratch", "mae") else _fmt_iv(table["paired"].get(f"{arm} - mae", {}).get("mean_dice"))
+            lines.append(f"| {title} | {arm} | {m['mean']:.3f}{std} | {cls} | {vs_s} | {vs_m} |")
+        lines.append(f"| {title} | *noise floor* (scratch vs scratch, other seed) | | "
+                     + " | ".join("" for _ in result["classes"])
+                     + f" | {_fmt_iv(table['noise_floor'].get('mean_dice'))} | |")
+    return "\n".join(lines) + "\n"
+
+
 __all__ = ["ARMS", "LABELS_NOTE", "ProtocolSpec", "build_report", "check_split", "draw_report", "load_protocol",
-           "run_protocol"]
+           "markdown_table", "run_protocol"]
