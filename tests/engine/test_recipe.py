@@ -131,3 +131,13 @@ def test_config_error_when_the_batch_cannot_be_kept():
 
     with pytest.raises(ConfigError, match="train.global_batch_crops"):
         resolve(cfg, 2, 100)
+
+
+@pytest.mark.slow
+def test_plan_equals_what_the_engine_runs_on_8_workers(engine_shards, tiny_config, tmp_path):
+    """8 gloo processes on one machine (slow: run outside CI, reported in the issue note)."""
+    job = Job(tiny_config(engine_shards, *GLOBAL, "train.micro_batch=1", "launch.workers=8"), tmp_path / "w8")
+    launch_jobs([job], workers=8)
+    ran = json.loads((job.run_dir / RECIPE_FILE).read_text())
+    assert ran == make_plan(job.cfg).recipe.as_dict() and (ran["crops_per_step"], ran["grad_accum"]) == (8, 1)
+    assert _history(job.run_dir)[0]["tokens_seen"] == 8 * make_plan(job.cfg).tokens_per_crop
