@@ -167,9 +167,13 @@ class LaunchConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True
-    addr: str = "127.0.0.1"
+    # where each worker's /metrics listens: "auto" = its Ray node's IP on a cluster it joined, loopback on a
+    # local one or without Ray (mim_scale.metrics.resolve_addr); or an address ("0.0.0.0": every interface)
+    addr: str = "auto"
     port: int = 0  # per-worker port = port + rank; 0 = ephemeral
-    targets_file: str = ""  # Prometheus file_sd JSON; "" = <run>/prometheus_targets.json
+    # file_sd targets: always <run>/prometheus_targets/rank-N.json in the driver's run folder (mim-scale monitor
+    # watches it); a folder here gets a copy of each rank's file too (for a Prometheus of your own)
+    targets_file: str = ""
     device_peak_flops: float = 0.0  # 0 = look up the device; used for MFU
     linger_seconds: float = 0.0  # keep /metrics up this long after the run ends, for a last scrape
     tensorboard: bool = True  # rank 0 writes RUN/tensorboard/ when the tensorboard package is installed
