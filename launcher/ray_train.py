@@ -28,8 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mim_scale import rundir
 from mim_scale.config import Config, from_dict
-from mim_scale.engine.checkpoint import write_atomic
+from mim_scale.launcher.driver_files import RayRunFiles, start_run_folder
+from mim_scale.metrics import resolve_addr
+from mim_scale.rundir import RunFiles
 from mim_scale.engine.loop import Reporter, configure_logging, parse_drill, parse_fault, run_training
 from mim_scale.errors import UserFacingError
 from mim_scale.launcher.runs import STOP_FILE, DriverRecord, clear_stop_request, stop_was_requested
@@ -55,8 +58,8 @@ class RayReporter(Reporter):
     """
 
     def __init__(self, run_dir: Path, *, stop_uri: str | None = None, ckpt_fault: str | None = None,
-                 rank: int = 0, poll_seconds: float = 2.0, run_uri: str | None = None):
-        super().__init__(run_dir)
+                 rank: int = 0, poll_seconds: float = 2.0, run_uri: str | None = None, files=None):
+        super().__init__(run_dir, files=files)
         self._run_uri = run_uri  # STORAGE/NAME, where Ray keeps the run's checkpoints and their list
         self._stack = ExitStack()
         self._scratch: Path | None = None
@@ -200,9 +203,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     if world != cfg.launch.workers:  # an elastic group: same global batch, more accumulation
         cfg = cfg.replace({"train.grad_accum": elastic_grad_accum(cfg, world)})
-    write_worker_record(run_dir, rank, world, loop_config.get("env_names", []))
+    # the driver's run folder, through its actor (mim_scale.launcher.driver_files), whatever node this is
+    files = RayRunFiles(loop_config["run_files"], str(run_dir)) if loop_config.get("run_files") else RunFiles(run_dir)
+    node_ip = ray.util.get_node_ip_address()
+    # /metrics on this node's address when the cluster was joined, loopback on a local one (metrics.addr "auto")
+    cfg = cfg.replace({"metrics.addr": resolve_addr(cfg.metrics.addr, node_ip if cfg.launch.address else None)})
+    write_worker_record(files, rank, world, loop_config.get("env_names", []), node_ip=node_ip)
     reporter = RayReporter(run_dir, stop_uri=loop_config.get("stop_uri"), ckpt_fault=loop_config.get("ckpt_fault"),
-                           rank=rank, run_uri=loop_config.get("run_uri"))
+                           rank=rank, run_uri=loop_config.get("run_uri"), files=files)
     try:
         init = Path(loop_config["init"]) if loop_config.get("init") else None
         run_training(cfg, run_dir=run_dir, reporter=reporter, init_weights=init, fault=loop_config.get("fault"))
@@ -210,20 +218,20 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         reporter.close()
 
 
-def write_worker_record(run_dir: Path, rank: int, world: int, env_names: list[str]) -> None:
-    """``RUN/workers/rank-N.json``: where this rank runs (host, pid, Ray node), for ``mim-scale status``, and
-    which of the variables the launcher passed on arrived (names only: values may be secrets)."""
+def write_worker_record(files: RunFiles, rank: int, world: int, env_names: list[str], node_ip: str | None = None) -> None:
+    """``RUN/workers/rank-N.json`` (in the driver's run folder): where this rank runs (host, pid, Ray node and
+    its IP), for ``mim-scale status``, and which of the variables the launcher passed on arrived (names only:
+    values may be secrets)."""
     import ray
 
-    folder = Path(run_dir) / "workers"
-    folder.mkdir(parents=True, exist_ok=True)
     record = {"rank": rank, "world_size": world, "host": socket.gethostname(), "pid": os.getpid(),
-              "node_id": ray.get_runtime_context().get_node_id(), "started": time.time(),
+              "node_id": ray.get_runtime_context().get_node_id(), "node_ip": node_ip, "started": time.time(),
               "env": sorted(k for k in env_names if k in os.environ)}
-    write_atomic(folder / f"rank-{rank}.json", json.dumps(record))
-    for stale in folder.glob("rank-*.json"):  # ranks beyond a shrunk group
-        if int(stale.stem.split("-")[1]) >= world:
-            stale.unlink(missing_ok=True)
+    files.write_text(rundir.worker_record(rank), json.dumps(record))
+    for name in files.names(rundir.WORKERS_DIR):  # ranks beyond a shrunk group
+        stale = rundir.rank_of(name)
+        if stale is not None and stale >= world:
+            files.remove(name)
 
 
 @dataclass
@@ -370,7 +378,9 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
     driver = DriverRecord(run_dir, name=name, storage=storage, address=cfg.launch.address or "local")
     driver.write("running", ray_address=_gcs_address())
     error: BaseException | None = None
+    run_files = None
     try:
+        run_files = start_run_folder(str(run_dir))  # workers write targets/history/records here, from any node
         resources = {"CPU": cfg.launch.cpus_per_worker}
         if cfg.launch.use_gpu:
             resources["GPU"] = 1
@@ -378,7 +388,7 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "init": str(init) if init else None,
-                               "fault": fault, "ckpt_fault": ckpt_fault, "stop_uri": stop_uri,
+                               "fault": fault, "ckpt_fault": ckpt_fault, "stop_uri": stop_uri, "run_files": run_files,
                                "run_uri": f"{storage.rstrip('/')}/{name}",
                                "env_names": sorted(worker_env(cfg, env)), "extra_env": dict(env or {})},
             scaling_config=ScalingConfig(num_workers=hi if lo == hi else (lo, hi), use_gpu=cfg.launch.use_gpu,
@@ -399,6 +409,8 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
         driver.write("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        if run_files is not None:
+            ray.kill(run_files)
         if started:
             ray.shutdown()
         lease.release()
