@@ -5,9 +5,11 @@
 
 Per kernel and direction (forward, forward+backward) it prints the median time of the Triton kernel, of the
 eager reference (:mod:`mim_scale.ops.reference`) and of ``torch.compile`` of that reference, the speed-ups, and
-the achieved bandwidth as a fraction of the card's peak. Bandwidth counts the *useful* bytes: what a single
-fused pass must read and write (for example, the masked tokens' predictions and patches, not the visible
-ones'), the same figure for all three implementations, so the fraction says how close each gets to the
+the achieved bandwidth as a fraction of the card's peak; the masked depthwise conv is measured at each of
+base's conv-stage shapes against eager (cuDNN channels-last, what the model runs) and compile. After the
+figures it prints what ``mim_scale.ops.auto``'s rule decides from this run, beside the table's decision.
+Bandwidth counts the *useful* bytes: what a single fused pass must read and write (for example, the masked
+tokens' predictions and patches, not the visible ones'), the same figure for all three implementations, so the fraction says how close each gets to the
 memory limit. The end-to-end part times a full training step (forward, backward, AdamW) of
 ``mim_scale.model.build_model(cfg)`` with the ops backend set to ``reference`` and to ``auto``, and reports
 how many calls reached the kernels (0 means the model does not route through ``mim_scale.ops``).

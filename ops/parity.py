@@ -216,11 +216,12 @@ DW_CASES = [
     DWCase("bf16_c6", 2, (6, 5, 4), 6, 3, dtype="bfloat16"),
     DWCase("wide_c40_two_channel_blocks", 1, (3, 4, 3), 40, 3),
 ]
-# base's conv stages: 21 views, 48 ch at 48^3, 96 ch at 24^3 (k = 5), bf16 as under autocast
+# base's conv-stage shapes per view (48 ch at 48^3, 96 ch at 24^3, k = 5), bf16 as under autocast; fewer views
+# than a step's 21, to keep the fp64 reference (PyTorch's slow native depthwise path) within seconds
 DW_CASES_BIG = [
-    DWCase("big_base_stage1_bf16", 21, (48, 48, 48), 48, 5, dtype="bfloat16"),
-    DWCase("big_base_stage2_bf16", 21, (24, 24, 24), 96, 5, dtype="bfloat16"),
-    DWCase("big_stage2_fp32", 4, (24, 24, 24), 96, 5),
+    DWCase("big_base_stage1_bf16", 4, (48, 48, 48), 48, 5, dtype="bfloat16"),
+    DWCase("big_base_stage2_bf16", 8, (24, 24, 24), 96, 5, dtype="bfloat16"),
+    DWCase("big_stage2_fp32_odd", 2, (25, 23, 24), 96, 5),
 ]
 # Output and input gradient are stored in x's dtype: bf16 rounds each to 8 bits (<= 2^-8 of its value), so
 # they are checked within 1e-2 x max|reference|; fp32 within 1e-5. Weight and bias gradients are fp32 sums
