@@ -24,6 +24,7 @@ _STAGES = (
     "mim_scale.report",
     "mim_scale.finetune.cli",
     "mim_scale.monitor",
+    "mim_scale.doctor",
     "mim_scale.bench",
 )
 
