@@ -33,6 +33,7 @@ from mim_scale.finetune.data import (TrainSampler, class_names, deterministic_tr
 from mim_scale.finetune.optim import lr_at, param_groups
 from mim_scale.finetune.recipe import Recipe, load_recipe
 from mim_scale.finetune.validation import autocast, classification_metrics, headline, segmentation_metrics
+from mim_scale.tensorboard import open_board
 
 RUN_FORMAT = 1
 
@@ -46,8 +47,12 @@ def finetune(
     model_config: str | ModelConfig | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    tensorboard: bool = True,
 ) -> dict[str, Any]:
-    """Fine-tune from ``init`` (an exported encoder or ``"scratch"``); return the summary dict."""
+    """Fine-tune from ``init`` (an exported encoder or ``"scratch"``); return the summary dict.
+
+    ``tensorboard``: the lead rank writes loss, lr and Dice per class to ``OUT/tensorboard/`` when the
+    package is installed (:mod:`mim_scale.tensorboard`)."""
     t_start = time.perf_counter()
     out = Path(out)
     enc_init = _init_with_seed(init, model_config, recipe, overrides)
@@ -100,6 +105,7 @@ def finetune(
     if lead:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run.json", run_info)
+    board = open_board(tensorboard, out, rank)
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -123,6 +129,8 @@ def finetune(
         entry = {"step": step, "validation": {k: v for k, v in metrics.items() if k != "per_volume"}}
         _append_jsonl(out / "metrics.jsonl", entry)
         history.append(entry)
+        if board is not None:
+            board.finetune_validation(step, metrics)
         log(f"step {step} validation: {_brief(metrics)}")
         return metrics
 
@@ -151,6 +159,8 @@ def finetune(
             if lead:
                 _append_jsonl(out / "metrics.jsonl", {"step": done, "loss": mean_loss, "lr": lr,
                                                       "seconds": time.perf_counter() - t_loop})
+                if board is not None:
+                    board.finetune_step(done, mean_loss, lr)
             log(f"step {done}/{t.steps} loss {mean_loss:.4f} lr {lr:.2e}")
         if t.val_every and done % t.val_every == 0 and done != t.steps:
             metrics = validate(done)
@@ -165,6 +175,8 @@ def finetune(
             _barrier(world)
     if start_step >= t.steps:  # resumed at the last step: nothing trained, just validate
         metrics = validate(t.steps)
+    if board is not None:
+        board.close()
     if not lead:
         return {"task": rec.task, "rank": rank, "workers": world, "steps": t.steps}
     summary = {
