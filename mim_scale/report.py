@@ -20,9 +20,10 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
     """The per-step records of a run, the last record of each step kept (a restart repeats steps). Read to the
     last complete line (a driver killed mid-append leaves a torn one); records without a step are skipped."""
     from mim_scale.fileutil import read_jsonl
+    from mim_scale.rundir import HISTORY_FILE
 
     by_step: dict[int, dict] = {}
-    for record in read_jsonl(Path(run_dir) / "history.jsonl"):
+    for record in read_jsonl(Path(run_dir) / HISTORY_FILE):
         if isinstance(record.get("step"), int):
             by_step[record["step"]] = record
     return [by_step[k] for k in sorted(by_step)]
