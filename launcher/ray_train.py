@@ -35,6 +35,7 @@ from mim_scale.metrics import resolve_addr
 from mim_scale.rundir import RunFiles
 from mim_scale.engine.loop import Reporter, configure_logging, parse_drill, parse_fault, run_training
 from mim_scale.errors import UserFacingError
+from mim_scale.recipe import allowed_worker_counts, global_batch_crops, grad_accum_for, resolve, training_volume_count
 from mim_scale.launcher.runs import STOP_FILE, DriverRecord, clear_stop_request, stop_was_requested
 
 log = logging.getLogger("mim_scale.launcher")
@@ -162,24 +163,24 @@ def _kill_when_written(folder: Path) -> None:
 
 
 def elastic_grad_accum(cfg: Config, world: int) -> int:
-    """Accumulation steps that keep the configured global batch (``launch.workers`` x micro x accum) on
-    ``world`` workers: an elastic group of any size in [min_workers, workers] trains the same schedule."""
-    target = cfg.launch.workers * cfg.train.micro_batch * cfg.train.grad_accum
-    per_step = world * cfg.train.micro_batch
-    if target % per_step:
-        raise ValueError(f"{world} workers x micro_batch {cfg.train.micro_batch} does not divide the global batch "
-                         f"{target} (launch.workers x micro_batch x grad_accum)")
-    return target // per_step
+    """Accumulation steps that keep the global batch on ``world`` workers (:func:`mim_scale.recipe.grad_accum_for`):
+    an elastic group of any size in [min_workers, workers] trains the same schedule."""
+    return grad_accum_for(cfg, world)
 
 
 def check_elastic(cfg: Config) -> None:
-    """Every worker count Ray may choose in [min_workers, workers] must keep the global batch whole."""
+    """Every worker count Ray may choose in [min_workers, workers] must keep the global batch whole; the error
+    names the counts that would."""
     lo, hi = worker_range(cfg)
-    bad = [w for w in range(lo, hi + 1) if (hi * cfg.train.micro_batch * cfg.train.grad_accum) % (w * cfg.train.micro_batch)]
+    allowed = allowed_worker_counts(cfg, lo, hi)
+    bad = [w for w in range(lo, hi + 1) if w not in allowed]
     if bad:
-        raise UserFacingError(f"launch.min_workers={lo}..launch.workers={hi}: with {bad} workers the global batch "
-                              f"{hi * cfg.train.micro_batch * cfg.train.grad_accum} does not split into whole "
-                              "micro-batches; choose a range whose counts all divide it (e.g. 2..4 with grad_accum 6)")
+        batch = global_batch_crops(cfg)
+        anywhere = allowed_worker_counts(cfg, 1, max(hi, 64))
+        raise UserFacingError(f"launch.min_workers={lo}..launch.workers={hi}: with {bad} workers the global batch of "
+                              f"{batch} crops (train.global_batch_crops, or workers x micro_batch x grad_accum) does "
+                              f"not split into whole micro-batches of {cfg.train.micro_batch}; worker counts that keep "
+                              f"it: {', '.join(map(str, anywhere))}")
 
 
 def worker_range(cfg: Config) -> tuple[int, int]:
@@ -201,13 +202,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     run_dir = Path(loop_config["run_dir"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    if world != cfg.launch.workers:  # an elastic group: same global batch, more accumulation
-        cfg = cfg.replace({"train.grad_accum": elastic_grad_accum(cfg, world)})
     # the driver's run folder, through its actor (mim_scale.launcher.driver_files), whatever node this is
     files = RayRunFiles(loop_config["run_files"], str(run_dir)) if loop_config.get("run_files") else RunFiles(run_dir)
     node_ip = ray.util.get_node_ip_address()
     # /metrics on this node's address when the cluster was joined, loopback on a local one (metrics.addr "auto")
     cfg = cfg.replace({"metrics.addr": resolve_addr(cfg.metrics.addr, node_ip if cfg.launch.address else None)})
+    # an elastic group of another size keeps the global batch: run_training resolves the recipe for `world`
     write_worker_record(files, rank, world, loop_config.get("env_names", []), node_ip=node_ip)
     reporter = RayReporter(run_dir, stop_uri=loop_config.get("stop_uri"), ckpt_fault=loop_config.get("ckpt_fault"),
                            rank=rank, run_uri=loop_config.get("run_uri"), files=files)
@@ -380,6 +380,7 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     stop_uri = f"{storage.rstrip('/')}/{name}" if "://" in storage else None
     check_elastic(cfg)
+    resolve(cfg, worker_range(cfg)[1], training_volume_count(cfg))  # a recipe that cannot run fails here, not in workers
     parse_fault(fault), parse_ckpt_fault(ckpt_fault)  # a mistyped drill fails here, not in every worker
     if init is not None:
         init = check_init(cfg, Path(init))

@@ -143,9 +143,9 @@ def make_plan(cfg: Config, *, workers: int | None = None, training_volumes: int 
 def _shard_list(cfg: Config):
     if not cfg.data.shards:
         return None
-    from mim_scale.data.stream import load_shard_list
+    from mim_scale.data.stream import manifest_shards
 
-    return load_shard_list(cfg.data.shards)
+    return manifest_shards(cfg.data)
 
 
 def _volume_bytes(shards) -> tuple[float, str]:

@@ -144,9 +144,9 @@ def training_volume_count(cfg: Config) -> int | None:
     """Volumes in the training manifest (``data.shards``), or None when no manifest is configured."""
     if not cfg.data.shards:
         return None
-    from mim_scale.data.stream import load_shard_list
+    from mim_scale.data.stream import manifest_shards
 
-    return sum(s.samples for s in load_shard_list(cfg.data.shards))
+    return sum(s.samples for s in manifest_shards(cfg.data))
 
 
 def _list(counts: list[int]) -> str:

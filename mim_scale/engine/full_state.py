@@ -232,4 +232,18 @@ def restore(engine, ckpt_dir: Path) -> int:
         else:
             with torch.no_grad():
                 p.data.copy_(master.to(device=p.device, dtype=p.dtype))
+    _restore_buffers(engine.module, tensors)
     return step
+
+
+def _restore_buffers(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Buffers saved beside the parameters (BatchNorm running statistics and counts) back into ``module``; a
+    buffer the file lacks keeps its value (checkpoints from before the model had it)."""
+    for name, b in module.named_buffers():
+        t = tensors.get(f"buffer/{name}")
+        if b is None or t is None:
+            continue
+        if tuple(t.shape) != tuple(b.shape):
+            raise ValueError(f"buffer/{name} is {tuple(t.shape)} in the full state, the model has {tuple(b.shape)}")
+        with torch.no_grad():
+            b.copy_(t.to(device=b.device, dtype=b.dtype))

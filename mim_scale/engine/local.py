@@ -63,7 +63,9 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[dict, str, str | 
 
     configure_logging()
     for cfg_tree, run_dir, fault, sigterm_at in jobs:
-        cfg = from_dict(cfg_tree)
+        # launch.workers describes the group that was launched: here, these processes (a batch stated as
+        # workers x micro_batch x grad_accum then means this world; train.global_batch_crops is kept as set)
+        cfg = from_dict(cfg_tree).replace({"launch.workers": world, "launch.min_workers": 0})
         out = Path(run_dir) / "results"
         out.mkdir(parents=True, exist_ok=True)
         steps_log = out / f"rank-{rank}-steps.jsonl"
