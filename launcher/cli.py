@@ -57,10 +57,15 @@ def _pretrain(args: argparse.Namespace) -> int:
     if not cfg.data.shards:
         raise UserFacingError("no shards given: set data.shards in the config or pass --set data.shards=PATH "
                               "(a manifest.json or the folder holding it; build one with `mim-scale shards build`)")
+    init = Path(args.init) if args.init else None
+    if args.rehearse:
+        from mim_scale.launcher.rehearse import rehearse
+
+        return rehearse(cfg, steps=args.rehearse_steps, price_per_device_hour=args.price_per_device_hour,
+                        break_stage=args.rehearse_break, init=init, env=dict(args.env))
     from mim_scale.plan import format_plan, make_plan
 
     print(format_plan(make_plan(cfg)), flush=True)  # the recipe every worker resolves again (RUN/recipe.json)
-    init = Path(args.init) if args.init else None
     result = pretrain(cfg, init=init, fault=args.fault, env=dict(args.env))
     print(json.dumps({"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                       "seconds": round(result.seconds, 1),
@@ -128,6 +133,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--env", type=_env, action="append", default=[], metavar="KEY=VALUE",
                    help="environment for every worker (repeatable; names in $MIM_SCALE_FORWARD_ENV are passed on too)")
     p.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # failure drills: raise|kill:RANK:STEP
+    p.add_argument("--rehearse", action="store_true",
+                   help="rehearse this run on its cluster first: a few steps, a checkpoint, a worker kill and the "
+                        "resume, an export, every rank's /metrics, measured crops/s and projected cost; one verdict "
+                        "per stage, exit 1 on any failure; writes only STORAGE/NAME-rehearsal-<time>")
+    p.add_argument("--rehearse-steps", type=int, default=4, metavar="N", help="optimizer steps of the rehearsal (>= 4)")
+    p.add_argument("--price-per-device-hour", type=float, default=None, metavar="PRICE",
+                   help="with --rehearse: cost of the projected device-hours at this price")
+    p.add_argument("--rehearse-break", default=None, help=argparse.SUPPRESS)  # drill: make that stage fail
     p.set_defaults(func=_pretrain)
 
     q = sub.add_parser("plan", help="what a pre-training run will do and cost: batch, lr, schedule, FLOPs, memory, "
