@@ -140,6 +140,10 @@ def export_run(run: Path, out: str | Path, *, dtype: str = "float32", full_state
     torch_dtype = _DTYPES[dtype]
     data = _shard_summary(cfg.data.shards)
     manifest_licenses = data.pop("manifest_licenses", {})
+    unknown = sorted(set(data_licenses or {}) - set(data.get("datasets") or {})) if data.get("datasets") else []
+    if unknown:
+        raise UserFacingError(f"--data-license names {unknown}, which the run's shards do not hold "
+                              f"(data sets: {sorted(data['datasets'])})")
     if data.get("datasets") is not None or data_licenses:
         data["licenses"] = model_card.data_licenses(data.get("datasets") or dict.fromkeys(data_licenses or {}, 0),
                                                     data_licenses, manifest_licenses)

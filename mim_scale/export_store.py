@@ -23,7 +23,7 @@ import hashlib
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
@@ -378,7 +378,6 @@ class ExportEntry:
     location: str  # local folder or s3:// URI
     size_bytes: int  # sum of the listed files
     files: dict[str, str]  # the SHA256SUMS listing
-    jsons: dict[str, Any] = field(default_factory=dict)  # small JSON files read from it (config.json, ...)
 
 
 def read_small(location: str, name: str, limit: int = MAX_JSON_BYTES) -> bytes | None:

@@ -37,7 +37,8 @@ def test_list_a_folder(shelf, exported, evaluation_report, capsys):
     for name, fmt in (("tiny-v1", "mim"), ("tiny-bundle", "monai-bundle")):
         row = rows[name]
         assert row["format"] == fmt
-        assert row["parameters"] == config["parameters"] and row["steps"] == 2 and row["crops_seen"] == 4
+        assert row["parameters"] == config["parameters"] and row["steps"] == 2
+        assert row["crops_seen"] == config["training"]["samples_seen"] > 0
         assert row["datasets"] == {"totalsegmentator_sample": 1}
         assert row["licenses"] == {"totalsegmentator_sample": "apache-2.0"}
         assert row["preprocessing"] == {"orientation": "SPL", "spacing_mm": 3.0, "hu_window": [-1000.0, 1000.0]}
