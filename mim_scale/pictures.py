@@ -31,7 +31,7 @@ COLUMNS = ("input", "masked", "pred", "composite")
 COLUMN_TITLES = {"input": "input", "masked": "masked (visible)", "pred": "predicted", "composite": "composite"}
 LOSS_ORDER = ("rec_l1", "rec_l2", "rec_l3", "align_12", "align_23", "total")
 TISSUE_MEAN_HU = -900.0  # a view whose mean is at or below this is (nearly) all air: not worth a picture
-BODY_MEAN_HU = -500.0  # chains whose every view is above this (mostly inside the body) are preferred
+BODY_MEAN_HU = -500.0  # voxels above this are inside the body: chains whose views are mostly such are preferred
 # named display windows, (level, width) in HU; "abdomen" is the usual soft-tissue window of abdominal CT
 WINDOWS = {"abdomen": (40.0, 400.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0), "wide": (0.0, 2000.0)}
 DEFAULT_WINDOW = "abdomen"
@@ -235,13 +235,15 @@ class MethodPicture:
     tissue: bool
 
 
-def method_reconstruction(model, crops, *, seed: int = 0, tries: int = 8) -> MethodPicture:
+def method_reconstruction(model, crops, *, seed: int = 0, tries: int = 8, window: str = DEFAULT_WINDOW) -> MethodPicture:
     """Reconstruct one chain of views with tissue from ``crops`` (B, C, 2V, 2V, 2V) in [0, 1].
 
     Masks are drawn from ``seed`` (up to ``tries`` draws) exactly as in training; among every (crop,
     level-2 octant, level-3 patch) chain of a draw, the chosen one has every view's mean HU above
-    :data:`TISSUE_MEAN_HU` (else the chain whose emptiest view is densest), preferably above
-    :data:`BODY_MEAN_HU`, and, among those, the level-3 patch with the most structure (HU standard deviation). The model runs once, on that crop, with the
+    :data:`TISSUE_MEAN_HU` (else the chain whose emptiest view is densest), then the largest share of voxels
+    above :data:`BODY_MEAN_HU` in its emptiest view (inside the body, not the skin line against air), then
+    the level-3 patch with the most structure visible in the display ``window`` (standard deviation of its HU
+    clipped to the window: soft-tissue contrast, not a bone edge that the window shows as white). The model runs once, on that crop, with the
     draw reordered so that the chain's views come first (one forward per call: under ZeRO-3 every rank
     must call this, each on its own crops). HU means are read from the crop (a level-1 view is the crop's
     2x2x2 means, a level-3 view the patch upsampled), so the choice costs no forward.
@@ -264,24 +266,32 @@ def method_reconstruction(model, crops, *, seed: int = 0, tries: int = 8) -> Met
     octs = x.reshape(b, 2, v, 2, v, 2, v)
     mean_oct = to_hu(octs.mean(dim=(2, 4, 6))).reshape(b, 8)  # octant o = 4*od + 2*oh + ow
     pat = x.reshape(b, 2 * g, p, 2 * g, p, 2 * g, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(b, 2 * g, 2 * g, 2 * g, -1)
-    mean_pat, std_pat = to_hu(pat.mean(-1)), pat.std(-1) * (hu[1] - hu[0])  # (B, 2g, 2g, 2g) per crop token
+    level, width = WINDOWS[window]
+    shown = to_hu(pat).clamp(level - width / 2, level + width / 2)
+    mean_pat, std_pat = to_hu(pat.mean(-1)), shown.std(-1)  # (B, 2g, 2g, 2g) per crop token
+    body = (x > (BODY_MEAN_HU - hu[0]) / (hu[1] - hu[0])).float()  # voxels denser than BODY_MEAN_HU
+    body1 = body.mean(dim=(1, 2, 3, 4))
+    body_oct = body.reshape(b, 2, v, 2, v, 2, v).mean(dim=(2, 4, 6)).reshape(b, 8)
+    body_pat = body.reshape(b, 2 * g, p, 2 * g, p, 2 * g, p).mean(dim=(2, 4, 6))
     generator = torch.Generator(device=crops.device).manual_seed(int(seed))
     best = None
     for _ in range(max(1, tries)):
         draw = draw_masks(b, cfg.model, cfg.masking, crops.device, generator)
         for cand in _chains(draw, levels, b, g):
             crop_i, k_i, j_i, octant, token = cand
-            means = [float(mean1[crop_i])]
+            means, inside = [float(mean1[crop_i])], [float(body1[crop_i])]
             structure = 0.0
             if levels >= 2:
                 means.append(float(mean_oct[crop_i, octant]))
+                inside.append(float(body_oct[crop_i, octant]))
             if levels >= 3:
                 cz, cy, cx = _crop_token(octant, token, g)
                 means.append(float(mean_pat[crop_i, cz, cy, cx]))
+                inside.append(float(body_pat[crop_i, cz, cy, cx]))
                 structure = float(std_pat[crop_i, cz, cy, cx])
             tissue = min(means) > TISSUE_MEAN_HU
-            inside = min(means) > BODY_MEAN_HU  # mostly body, not the skin line against air
-            score = (tissue, inside, structure if tissue else min(means))
+            # then: views inside the body (in steps of a tenth of their voxels), then the most structure
+            score = (tissue, round(min(inside), 1), structure if tissue else min(means))
             if best is None or score > best[0]:
                 best = (score, draw, cand, means)
         if best[0][0]:
@@ -509,11 +519,15 @@ def save_loss_curves_png(
             ax.plot([s for s, _ in val], [v for _, v in val], "o-", ms=3, lw=0.8, color="C1", label=val_label)
         zero = (zeros or {}).get(key)
         if zero is not None and math.isfinite(zero) and zero > 0:
-            ax.axhline(zero, color="0.4", ls="--", lw=1.0, label=f"predict zeros ({zero:.3f})")
+            ax.axhline(zero, color="0.4", ls="--", lw=1.0, label=f"predict zeros, validation set ({zero:.3f})")
         ax.legend(fontsize=6)
         positive = bool(finite.any() and (vals[finite] > 0).all())
         if log_scale and positive:
+            from matplotlib.ticker import FormatStrFormatter
+
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))  # 0.6, not 6 x 10^-1
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
         if (~finite).any():
             for s in steps[~finite]:
                 ax.axvline(s, color="red", lw=0.8, ymax=0.05)
