@@ -404,8 +404,12 @@ def write_datasets(spec: ProtocolSpec, vols: dict[str, dict[str, Any]], rec, wor
 # -- the run ------------------------------------------------------------------------------------------------
 
 def _identity(spec: ProtocolSpec, vols: dict[str, dict[str, Any]], rec) -> dict[str, Any]:
-    """Everything that makes two runs the same protocol (a work folder may only be resumed by the same one)."""
-    return {"protocol": spec.raw, "volumes": {n: v["sha256"] for n, v in vols.items()}, "recipe": rec.to_dict()}
+    """Everything that makes two runs the same protocol (a work folder may only be resumed by the same one).
+
+    ``arms`` and ``seeds`` are left out: units are keyed by arm and seed, so a finished protocol can be
+    extended with more seeds or another arm and only the new units run."""
+    raw = {k: v for k, v in spec.raw.items() if k not in ("arms", "seeds")}
+    return {"protocol": raw, "volumes": {n: v["sha256"] for n, v in vols.items()}, "recipe": rec.to_dict()}
 
 
 def run_protocol(protocol: str | Path, report: str | Path, work: str | Path | None = None,
@@ -430,6 +434,7 @@ def run_protocol(protocol: str | Path, report: str | Path, work: str | Path | No
     ident_file = work / "protocol.json"
     if ident_file.is_file():
         old = read_json(ident_file)
+        old["protocol"] = {k: v for k, v in old.get("protocol", {}).items() if k not in ("arms", "seeds")}
         if old != json.loads(json.dumps(ident)):
             diff = sorted(k for k in ident if old.get(k) != json.loads(json.dumps(ident[k])))
             raise UserFacingError(f"{work} holds a run of a different protocol ({', '.join(diff)} differ); resume "
@@ -445,56 +450,65 @@ def run_protocol(protocol: str | Path, report: str | Path, work: str | Path | No
     from mim_scale.finetune.probe import linear_probe
     from mim_scale.finetune.train import finetune
 
-    for seed in spec.seeds:
-        for arm in spec.arms:
-            init = "scratch"
-            if arm in pretrained_arms:
-                pseed = seed if spec.pretrain_per_seed else spec.seeds[0]
-                unit = work / "pretrain" / arm / f"seed{pseed}"
-                if (unit / "pretrain.json").is_file() and (unit / "export" / "config.json").is_file():
-                    res = read_json(unit / "pretrain.json")
-                elif report_only:
-                    missing.append(f"pretrain/{arm}/seed{pseed}")
-                    continue
-                else:
-                    if volumes_hu is None:
-                        volumes_hu = load_pretrain_volumes([vols[n]["image"] for n in spec.pretrain], rec)
-                    res = _pretrain_unit(spec, arm, pseed, rec, vols, volumes_hu, unit, log)
-                units["pretrain"][f"{arm}/{pseed}"] = res
-                init = str(unit / "export")
-            scratch_model = _pretrain_config(spec, "mim", rec).model
-            seeded = rec.replace([f"train.seed={seed}"])
-            for regime, data in datasets.items():
-                unit = work / "finetune" / regime / arm / f"seed{seed}"
-                done = unit / "unit.json"
-                if done.is_file():
-                    res = read_json(done)
-                elif report_only:
-                    missing.append(f"finetune/{regime}/{arm}/seed{seed}")
-                    continue
-                else:
-                    log(f"protocol: fine-tune {regime} {arm} seed {seed}")
-                    summary = finetune(data, init, unit / "run", recipe=seeded,
-                                       model_config=scratch_model if init == "scratch" else None, resume=True,
-                                       log=log)
-                    res = {"arm": arm, "seed": seed, "regime": regime, "steps": summary["steps"],
-                           "seconds": summary["seconds"], "validation": summary["validation"]}
-                    write_json(done, res)
-                units["finetune"][f"{regime}/{arm}/{seed}"] = res
-            if spec.probe_steps > 0:
-                done = work / "probe" / arm / f"seed{seed}.json"
-                if done.is_file():
-                    res = read_json(done)
-                elif report_only:
-                    missing.append(f"probe/{arm}/seed{seed}")
-                    continue
-                else:
-                    log(f"protocol: linear probe {arm} seed {seed}")
-                    res = linear_probe(datasets["full"], init, seeded, steps=spec.probe_steps, lr=spec.probe_lr,
-                                       model_config=scratch_model if init == "scratch" else None, log=log)
-                    res.update(arm=arm, seed=seed)
-                    write_json(done, res)
-                units["probe"][f"{arm}/{seed}"] = res
+    scratch_model = _pretrain_config(spec, "mim", rec).model
+
+    def encoder_for(arm: str, seed: int) -> str | None:
+        """The arm's init for ``seed`` (pre-training it on first use); None if missing under report_only."""
+        nonlocal volumes_hu
+        if arm not in pretrained_arms:
+            return "scratch"
+        pseed = seed if spec.pretrain_per_seed else spec.seeds[0]
+        unit = work / "pretrain" / arm / f"seed{pseed}"
+        if (unit / "pretrain.json").is_file() and (unit / "export" / "config.json").is_file():
+            res = read_json(unit / "pretrain.json")
+        elif report_only:
+            missing.append(f"pretrain/{arm}/seed{pseed}")
+            return None
+        else:
+            if volumes_hu is None:
+                volumes_hu = load_pretrain_volumes([vols[n]["image"] for n in spec.pretrain], rec)
+            res = _pretrain_unit(spec, arm, pseed, rec, vols, volumes_hu, unit, log)
+        units["pretrain"][f"{arm}/{pseed}"] = res
+        return str(unit / "export")
+
+    # order: the full regime for every seed first, then the probe, then the other regimes, so a run cut short
+    # (or looked at with report_only) has the headline comparison with all its seeds before anything else
+    plan = [("full", seed, arm) for seed in spec.seeds for arm in spec.arms]
+    if spec.probe_steps > 0:
+        plan += [("probe", seed, arm) for seed in spec.seeds for arm in spec.arms]
+    plan += [(r, seed, arm) for r in datasets if r != "full" for seed in spec.seeds for arm in spec.arms]
+    for regime, seed, arm in plan:
+        seeded = rec.replace([f"train.seed={seed}"])
+        if regime == "probe":
+            done = work / "probe" / arm / f"seed{seed}.json"
+            key, bucket = f"{arm}/{seed}", "probe"
+        else:
+            done = work / "finetune" / regime / arm / f"seed{seed}" / "unit.json"
+            key, bucket = f"{regime}/{arm}/{seed}", "finetune"
+        if done.is_file():
+            encoder_for(arm, seed)  # record the pre-training unit in the report
+            units[bucket][key] = read_json(done)
+            continue
+        if report_only:
+            encoder_for(arm, seed)
+            missing.append(str(done.relative_to(work)))
+            continue
+        init = encoder_for(arm, seed)
+        model_config = scratch_model if init == "scratch" else None
+        if regime == "probe":
+            log(f"protocol: linear probe {arm} seed {seed}")
+            res = linear_probe(datasets["full"], init, seeded, steps=spec.probe_steps, lr=spec.probe_lr,
+                               model_config=model_config, log=log)
+            res.update(arm=arm, seed=seed)
+        else:
+            log(f"protocol: fine-tune {regime} {arm} seed {seed}")
+            summary = finetune(datasets[regime], init, done.parent / "run", recipe=seeded, model_config=model_config,
+                               resume=True, log=log)
+            res = {"arm": arm, "seed": seed, "regime": regime, "steps": summary["steps"],
+                   "seconds": summary["seconds"], "validation": summary["validation"]}
+        write_json(done, res)
+        units[bucket][key] = res
+    missing = list(dict.fromkeys(missing))
     result = build_report(spec, vols, rec, units, command=command)
     result["complete"], result["missing_units"] = not missing, missing
     result["wall_seconds"]["this_invocation"] = time.perf_counter() - t_start
