@@ -82,9 +82,10 @@ class Rehearsal:
             else:
                 self._say(stage, "ok", detail)
         failed = [s for s, v in self.verdicts.items() if v == "FAIL"]
-        where = self.facts.get("folder", "nothing written")
-        self.out(f"rehearsal: {'FAILED (' + ', '.join(failed) + ')' if failed else 'PASSED'}; everything it wrote: "
-                 f"{where}")
+        folder = self.facts.get("folder")
+        wrote = f"everything it wrote is in {folder}" if folder and "train" in self.verdicts and \
+            self.verdicts["train"] != "skipped" else "it wrote nothing"
+        self.out(f"rehearsal: {'FAILED (' + ', '.join(failed) + ')' if failed else 'PASSED'}; {wrote}")
         return 1 if failed else 0
 
     def _say(self, stage: str, verdict: str, detail: str) -> None:

@@ -99,11 +99,17 @@ def plan_argv(argv: list[str]) -> list[str]:
     return out
 
 
+# commands a document shows being refused (docs/CLUSTER.md, "Rehearse first": a range the batch does not allow)
+SHOWN_REFUSED = (("docs/CLUSTER.md", "--workers 24,32"),)
+
+
 @pytest.mark.parametrize("where, argv", COMMANDS, ids=[w for w, _ in COMMANDS])
 def test_shipped_command_passes_plan(where, argv, capsys):
     rc = main(plan_argv(argv))
     err = capsys.readouterr().err
-    assert rc == 0, f"{where}\n`mim-scale {' '.join(plan_argv(argv))}` exited {rc}: {err}"
+    refused = any(where.startswith(f"{doc}:") and part in where for doc, part in SHOWN_REFUSED)
+    expected = 2 if refused else 0
+    assert rc == expected, f"{where}\n`mim-scale {' '.join(plan_argv(argv))}` exited {rc}: {err}"
 
 
 def test_plan_refuses_a_range_that_breaks_the_batch_and_names_the_counts(capsys):
