@@ -47,14 +47,16 @@ def quickstart(ct_dir, ray_cluster, tmp_path_factory):
 
 def test_shards_hold_the_source_hu(quickstart, ct_dir):
     artefacts, _ = quickstart
-    manifest = read_manifest(artefacts["shards"])
     samples = {}
-    for entry in manifest["shards"]:
-        url = str(Path(artefacts["shards"]).parent / entry["url"])
-        for raw in wds.tarfile_samples([{"url": url}]):
-            vol, meta = decode_sample(raw)
-            samples[meta["dataset"]] = (vol, meta)
-    assert set(samples) == {"abdomen-dicom", "abdomen-pelvis"}
+    for which in ("shards", "holdout_shards"):  # training: the NIfTI volume; held out for validation: the series
+        found = set()
+        for entry in read_manifest(artefacts[which])["shards"]:
+            url = str(Path(artefacts[which]).parent / entry["url"])
+            for raw in wds.tarfile_samples([{"url": url}]):
+                vol, meta = decode_sample(raw)
+                samples[meta["dataset"]] = (vol, meta)
+                found.add(meta["dataset"])
+        assert found == {"shards": {"abdomen-pelvis"}, "holdout_shards": {"abdomen-dicom"}}[which]
     vol, meta = samples["abdomen-pelvis"]
     source = np.asarray(nib.load(str(ct_dir / "abdomen_pelvis_ct.nii.gz")).dataobj).astype(np.float64)
     source = np.clip(source, -1024, 3071)
@@ -89,6 +91,8 @@ def test_checkpoint_loads_and_resumed_after_failure(quickstart):
     validated = sorted({h["step"] for h in history if "val_rec_l3" in h})
     assert validated == sorted({s for s in range(1, STEPS + 1) if s % cfg.train.validate_every == 0} | {STEPS})
     assert (artefacts["run"] / "validation_set.safetensors").is_file()
+    # ... from the held-out DICOM series, labelled so
+    assert {h["validation_set"] for h in history if "val_rec_l3" in h} == {"held-out"}
 
 
 def test_export_loads_strictly(quickstart):
@@ -124,7 +128,7 @@ def test_prometheus_saw_both_ranks_step_and_restart(quickstart):
     assert set(losses) == {"1", "2", "3"} and all(np.isfinite(list(losses.values())))
     align = values(prom.query("max by (level) (max_over_time(mim_alignment_loss[5m]))"), "level")
     assert set(align) == {"1-2", "2-3"}
-    val = values(prom.query("max by (level) (max_over_time(mim_validation_loss[5m]))"), "level")
+    val = values(prom.query('max by (level) (max_over_time(mim_validation_loss{set="held-out"}[5m]))'), "level")
     assert set(val) == {"1", "2", "3"} and all(np.isfinite(list(val.values())))
     restarts = prom.query("max(max_over_time(mim_restarts_total[5m]))")
     assert float(restarts[0]["value"][1]) >= 1
