@@ -1,5 +1,5 @@
 """A pre-training run writes TensorBoard events (read back with TensorBoard's own reader) and the picture of
-the method, on real CT shards (2 processes, gloo)."""
+the method, on real CT shards (one process, gloo)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def run(engine_shards, tiny_config, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tensorboard") / "tb-run"
     cfg = tiny_config(engine_shards, "train.zero_stage=2", f"train.steps={STEPS}", "train.validate_every=2",
                       "train.pictures_every=2", "train.validation_crops=2")
-    launch_jobs([Job(cfg, run_dir)], workers=2)
+    launch_jobs([Job(cfg, run_dir)], workers=1)  # rank 0 writes the events: one process is enough
     return run_dir
 
 
