@@ -668,13 +668,12 @@ def draw_report(result: dict[str, Any], path: Path) -> Path:
                 continue
             heights, lows, highs = [], [], []
             for g in groups:
-                if g == "mean":
-                    m, iv = a["interval_of_mean"]["mean"], a["interval_of_mean"]
-                else:
-                    vals = [s["per_class_dice"].get(g) for s in a["per_seed"].values()]
-                    vals = [v for v in vals if v is not None]
-                    m = sum(vals) / len(vals) if vals else math.nan
-                    iv = bootstrap_mean(vals, 2000, seed=1) if vals else {"low": None, "high": None}
+                # the same numbers as the table: each run's Dice (per class, or its mean over classes), mean
+                # over seeds, with a bootstrap interval over seeds
+                vals = [s["mean_dice"] if g == "mean" else s["per_class_dice"].get(g) for s in a["per_seed"].values()]
+                vals = [v for v in vals if v is not None]
+                m = sum(vals) / len(vals) if vals else math.nan
+                iv = bootstrap_mean(vals, 2000, seed=1) if vals else {"low": None, "high": None}
                 m = math.nan if m is None else m
                 heights.append(m)
                 lows.append(m - iv["low"] if iv.get("low") is not None else 0.0)
@@ -684,7 +683,7 @@ def draw_report(result: dict[str, Any], path: Path) -> Path:
         noise = table["noise_floor"].get("mean_dice")
         extra = (f"; noise floor (scratch vs scratch) {noise['mean']:+.3f} [{noise['low']:+.3f}, {noise['high']:+.3f}]"
                  if noise and noise.get("mean") is not None else "")
-        ax.set_title(f"{title}: Dice on held-out test volumes (mean over seeds and volumes, 95 % bootstrap){extra}",
+        ax.set_title(f"{title}: Dice on held-out test volumes (mean over seeds, 95 % bootstrap over seeds){extra}",
                      fontsize=8)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, fontsize=8)
