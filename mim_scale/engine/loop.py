@@ -29,14 +29,14 @@ import torch.distributed as dist
 from mim_scale.config import Config
 from mim_scale.engine import checkpoint as ckpt
 from mim_scale.engine.collectives import agree_max, sum_over_ranks
-from mim_scale.rundir import ATTEMPTS_FILE, HISTORY_FILE, RunFiles, targets_file
-from mim_scale.fileutil import read_jsonl, write_atomic
+from mim_scale.rundir import (ATTEMPTS_FILE, CHECKPOINTS_DIR, HISTORY_FILE, RECIPE_FILE, STOP_FILE, RunFiles,
+                              targets_file)
+from mim_scale.fileutil import read_jsonl
 from mim_scale.engine.deepspeed_engine import build_engine, init_distributed
 from mim_scale.engine.sync_bn import convert_sync_batchnorm
 from mim_scale.tensorboard import open_board
 
 log = logging.getLogger("mim_scale.train")
-RECIPE_FILE = "recipe.json"  # the batch, lr and schedule the run trains with (rank 0 writes it at start)
 
 
 class Reporter:
@@ -50,19 +50,19 @@ class Reporter:
 
     def resume_dir(self) -> Path | None:
         try:
-            return ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+            return ckpt.latest_checkpoint(self.run_dir / CHECKPOINTS_DIR)
         except FileNotFoundError:
             return None
 
     def report(self, metrics: dict[str, Any], ckpt_dir: Path | None, rank: int) -> None:
         if ckpt_dir is not None and rank == 0:
-            final = self.run_dir / "checkpoints" / f"step_{metrics['step']:09d}"
+            final = self.run_dir / CHECKPOINTS_DIR / f"step_{metrics['step']:09d}"
             ckpt.commit_local(ckpt_dir, final, self.keep_last)
 
     def stop_requested(self) -> bool:
         """True once an operator asked the run to stop (``mim-scale stop``); checked every step, and agreed
         across ranks like a SIGTERM: the run saves a checkpoint and ends."""
-        return (self.run_dir / "STOP").exists()
+        return (self.run_dir / STOP_FILE).exists()
 
     def cleanup_scratch(self, rank: int) -> None:
         """Before anything is written (every rank calls this, then a barrier): rank 0 removes scratch
@@ -71,11 +71,11 @@ class Reporter:
             return
         import shutil
 
-        for stale in (self.run_dir / "checkpoints").glob("step_*.tmp"):
+        for stale in (self.run_dir / CHECKPOINTS_DIR).glob("step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
 
     def scratch_dir(self, step: int) -> Path:
-        path = self.run_dir / "checkpoints" / f"step_{step:09d}.tmp"
+        path = self.run_dir / CHECKPOINTS_DIR / f"step_{step:09d}.tmp"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -170,7 +170,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
     world = dist.get_world_size() if dist.is_initialized() else 1
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)
-    cfg, recipe = _resolve_recipe(cfg, world, Path(run_dir), rank)
+    cfg, recipe = _resolve_recipe(cfg, world, reporter.files, rank)
 
     model = convert_sync_batchnorm(build_model(cfg))  # the alignment MLPs' BatchNorms see every rank's pairs
     if init_weights is not None:
@@ -341,7 +341,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
     return result
 
 
-def _resolve_recipe(cfg: Config, world: int, run_dir: Path, rank: int):
+def _resolve_recipe(cfg: Config, world: int, files: RunFiles, rank: int):
     """The config with this world size's batch, lr and schedule written in (:mod:`mim_scale.recipe`, the code
     ``mim-scale plan`` prints from); rank 0 logs it and records it as ``RUN/recipe.json``."""
     from mim_scale.recipe import apply, resolve, training_volume_count
@@ -351,8 +351,7 @@ def _resolve_recipe(cfg: Config, world: int, run_dir: Path, rank: int):
         log.info("recipe: %d workers x micro-batch %d crops x %d accumulation = %d crops per step, peak lr %.3g "
                  "(%s), warm-up %d of %d steps", recipe.workers, recipe.micro_batch_crops, recipe.grad_accum,
                  recipe.crops_per_step, recipe.peak_lr, recipe.lr_rule, recipe.warmup_steps, recipe.total_steps)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / RECIPE_FILE, json.dumps(recipe.as_dict(), indent=1))
+        files.write_text(RECIPE_FILE, json.dumps(recipe.as_dict(), indent=1))  # the driver's run folder
     return apply(cfg, recipe), recipe
 
 
