@@ -51,6 +51,7 @@ class NodeReport:
     node: str  # host name (and Ray node IP)
     role: str  # "head" (this machine, where the driver runs) or "node"
     findings: list[Finding] = field(default_factory=list)
+    ray_node_id: str = ""  # the Ray node the check ran on (node reports)
 
     @property
     def blocking(self) -> bool:
@@ -257,7 +258,7 @@ def check_cluster(spec: Spec, *, prometheus_url: str | None = None, prometheus: 
         return reports
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    remote = ray.remote(num_cpus=0)(check_here)
+    remote = ray.remote(num_cpus=0)(_check_on_node)
     pending = {}
     for node in ray.nodes():
         if not node.get("Alive"):
@@ -265,7 +266,7 @@ def check_cluster(spec: Spec, *, prometheus_url: str | None = None, prometheus: 
         gpus = float(node.get("Resources", {}).get("GPU", 0.0))
         ref = remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
             spec, "node", gpus if spec.use_gpu else None)
-        pending[ref] = node.get("NodeManagerAddress", node["NodeID"][:12])
+        pending[ref] = f"{node.get('NodeManagerAddress', '?')} node {node['NodeID'][:8]}"
     ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
     for ref in ready:
         try:
@@ -281,6 +282,15 @@ def check_cluster(spec: Spec, *, prometheus_url: str | None = None, prometheus: 
         reports.append(node_report)
         ray.cancel(ref, force=True)
     return reports
+
+
+def _check_on_node(spec: Spec, role: str, ray_gpus: float | None) -> NodeReport:
+    """:func:`check_here` inside a Ray task, recording which node it really ran on."""
+    import ray
+
+    report = check_here(spec, role, ray_gpus)
+    report.ray_node_id = ray.get_runtime_context().get_node_id()
+    return report
 
 
 def render(reports: list[NodeReport]) -> str:

@@ -32,7 +32,8 @@ def test_a_ready_setup_on_every_node(ray_cluster, sample_shards, tmp_path):
             assert levels[what] == {OK}, (what, r.findings)
         assert not list((tmp_path / "runs").iterdir())  # the write probe is gone
     assert "prometheus" in _levels(reports[0]) and "prometheus" not in _levels(reports[1])
-    assert alive[0]["NodeManagerAddress"] in reports[1].node  # the node's check ran there, named by its IP
+    assert alive[0]["NodeManagerAddress"] in reports[1].node  # named by its IP
+    assert sorted(r.ray_node_id for r in reports[1:]) == sorted(n["NodeID"] for n in alive)  # and ran there
 
 
 def test_what_blocks_a_run_is_named_per_node_and_exits_1(ray_cluster, sample_shards, tmp_path, capsys):
@@ -77,3 +78,40 @@ def test_use_gpu_on_a_cpu_build_is_a_fix(sample_shards, tmp_path):
     # FusedAdam is not prebuilt in this install: it would be JIT-compiled, and that is said
     ds = [f for f in report.findings if f.what == "deepspeed"]
     assert any("fused_adam" in f.message for f in ds), ds
+
+
+MULTI_NODE = """
+import json, sys
+from ray.cluster_utils import Cluster
+import ray
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                        "object_store_memory": 128 * 2**20})
+for _ in range(2):
+    cluster.add_node(num_cpus=1, object_store_memory=96 * 2**20)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, log_to_driver=False)
+from mim_scale.config import load_config
+from mim_scale.doctor import check_cluster, spec_from
+spec = spec_from(load_config("tiny", ["data.shards=" + sys.argv[1]]), sys.argv[2], min_free_gb=0.01)
+reports = check_cluster(spec)
+alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+print("RESULT", json.dumps({"alive": alive, "ran_on": sorted(r.ray_node_id for r in reports[1:]),
+                            "blocking": [r.blocking for r in reports], "roles": [r.role for r in reports]}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_every_node_of_a_multi_node_cluster_is_checked_where_it_runs(sample_shards, tmp_path, child_env):
+    import subprocess
+
+    from launcher_drills import PYTHON
+
+    out = subprocess.run([PYTHON, "-c", MULTI_NODE, str(sample_shards), str(tmp_path / "runs")], env=child_env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[7:])
+    assert len(result["alive"]) == 3  # a head with no CPU and two 1-CPU nodes
+    assert result["ran_on"] == result["alive"]  # one check per node, pinned there (the CPU-less head included)
+    assert result["roles"] == ["head", "node", "node", "node"] and not any(result["blocking"])
