@@ -31,7 +31,6 @@ import sys
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mim_scale.config import Config, load_config
 
