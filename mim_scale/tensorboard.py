@@ -49,12 +49,13 @@ def available() -> bool:
 class Board:
     """A SummaryWriter under ``log_dir``, taking the loop's records as they are (no copy of the numbers)."""
 
-    def __init__(self, log_dir: str | Path):
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        # purge_step: TensorBoard drops earlier files' events at steps >= it (a resume repeats those steps)
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
         self._set_named = False
 
     def _scalar(self, tag: str, value: Any, step: int) -> None:
@@ -111,13 +112,15 @@ class Board:
         self.writer.close()
 
 
-def open_board(enabled: bool, run_dir: str | Path, rank: int) -> Board | None:
-    """The run's board on rank 0 when ``enabled`` and TensorBoard is installed, else None."""
+def open_board(enabled: bool, run_dir: str | Path, rank: int, resumed_at: int = 0) -> Board | None:
+    """The run's board on rank 0 when ``enabled`` and TensorBoard is installed, else None. ``resumed_at``: the
+    step a resumed run continues from (its checkpoint's); the steps after it that an earlier attempt logged
+    are hidden in favour of the new ones."""
     if not enabled or rank != 0:
         return None
     if not available():
         log.info("TensorBoard not installed: no RUN/%s (pip install 'mim-scale[tensorboard]')", SUBDIR)
         return None
-    board = Board(Path(run_dir) / SUBDIR)
+    board = Board(Path(run_dir) / SUBDIR, purge_step=resumed_at + 1 if resumed_at > 0 else None)
     log.info("TensorBoard events in %s (tensorboard --logdir %s)", board.log_dir, Path(run_dir).parent)
     return board

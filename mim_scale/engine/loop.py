@@ -194,7 +194,8 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
     state.restarts = max(state.restarts, _count_attempt(reporter.files, rank))
 
     metrics = _start_metrics(cfg, reporter.files, Path(run_dir).name, rank, state.restarts)
-    board = open_board(cfg.metrics.tensorboard, run_dir, rank)  # RUN/tensorboard/ (rank 0, when installed)
+    # RUN/tensorboard/ (rank 0, when installed); a resumed run's board hides the steps it repeats
+    board = open_board(cfg.metrics.tensorboard, run_dir, rank, resumed_at=state.step)
     shards = manifest_shards(cfg.data)
     loader = make_loader(cfg.data, shards, rank=rank, world_size=world, batch_size=cfg.train.micro_batch,
                          batches_consumed=state.batches_consumed_per_rank, seed=state.stream_seed)

@@ -51,3 +51,17 @@ def test_no_board_off_rank_0_when_disabled_or_not_installed(tmp_path, monkeypatc
     monkeypatch.setattr(tb, "available", lambda: False)
     assert tb.open_board(True, tmp_path, rank=0) is None
     assert not (tmp_path / tb.SUBDIR).exists()
+
+
+def test_a_resumed_run_replaces_the_steps_it_repeats(tmp_path):
+    first = tb.open_board(True, tmp_path, rank=0)
+    for step in range(1, 6):  # the first attempt logged steps 1-5, then died; its last checkpoint is step 3
+        first.step({"step": step, "total": 10.0 + step})
+    first.close()
+    resumed = tb.open_board(True, tmp_path, rank=0, resumed_at=3)
+    for step in (4, 5, 6):
+        resumed.step({"step": step, "total": 20.0 + step})
+    resumed.close()
+    assert len(list((tmp_path / tb.SUBDIR).glob("events.out.tfevents.*"))) == 2
+    points = [(e.step, e.value) for e in _read(tmp_path / tb.SUBDIR).Scalars("loss/total")]
+    assert points == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0), (6, 26.0)]
