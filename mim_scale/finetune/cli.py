@@ -82,7 +82,7 @@ def _evaluate(args) -> int:
     from mim_scale.finetune.evaluate import compare_inits, evaluate_run
 
     if sum(map(bool, (args.run, args.init, args.protocol))) != 1:
-        raise UserFacingError("give one of --run RUN_DIR (evaluate a fine-tuned run), --init (compare inits) or "
+        raise UserFacingError("give either --run RUN_DIR (evaluate a fine-tuned run), --init (compare inits) or "
                               "--protocol FILE (the downstream protocol)")
     if args.protocol:
         from mim_scale.finetune.protocol import run_protocol
