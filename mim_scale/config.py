@@ -416,6 +416,9 @@ def validate(cfg: Config) -> None:
         kept = math.floor(m.num_tokens * (1 - ratio))
         _require(1 <= kept < m.num_tokens, f"masking.{key}",
                  f"keeps {kept} of {m.num_tokens} tokens; must keep at least one and mask at least one")
+    _require(k.levels == 1 or octants_masked >= 2, "masking.level1_ratio",
+             "must mask at least 2 of the 8 octants when levels >= 2: the alignment MLPs normalise over the "
+             f"level-2 views of each crop (BatchNorm needs >= 2), got {octants_masked}")
     masked_l2 = m.num_tokens - math.floor(m.num_tokens * (1 - k.level2_ratio))
     _require(1 <= k.level3_picks <= masked_l2, "masking.level3_picks",
              f"must be between 1 and the masked tokens per level-2 view ({masked_l2}), got {k.level3_picks}")

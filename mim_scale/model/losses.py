@@ -25,9 +25,9 @@ class Projector(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.fc1 = Linear(dim, dim)
-        self.norm1 = nn.BatchNorm1d(dim)
+        self.norm1 = _batch_norm(dim)
         self.fc2 = Linear(dim, dim)
-        self.norm2 = nn.BatchNorm1d(dim, affine=False)
+        self.norm2 = _batch_norm(dim, affine=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm2(self.fc2(F.gelu(self.norm1(self.fc1(x)))))
@@ -39,11 +39,20 @@ class Predictor(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.fc1 = Linear(dim, dim)
-        self.norm1 = nn.BatchNorm1d(dim)
+        self.norm1 = _batch_norm(dim)
         self.fc2 = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.norm1(self.fc1(x))))
+
+
+def _batch_norm(dim: int, affine: bool = True) -> nn.BatchNorm1d:
+    """Batch statistics always, in eval mode too (no running statistics). ``g`` is shared by parents and
+    children, which differ in distribution (a token's feature vs a view's mean feature): running statistics
+    would mix the two, and in eval mode normalise both with that mix, shifting every ``z`` one way (measured:
+    the eval-mode alignment loss rose from 1.9 to 2.8 over 200 steps while the training loss fell). The
+    heads are used only in pre-training, where a batch always holds >= 2 pairs."""
+    return nn.BatchNorm1d(dim, affine=affine, track_running_stats=False)
 
 
 class AlignHead(nn.Module):
