@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from mim_scale.errors import UserFacingError
-from mim_scale.fileutil import sha256_file
+from mim_scale.fileutil import fsync_dir, sha256_file
 
 SUMS_FILE = "SHA256SUMS"
 MAX_SUMS_BYTES = 1 << 20  # an index of a few files; anything larger is not ours
@@ -115,15 +115,6 @@ def write_sums(folder: Path) -> dict[str, str]:
 
 
 # -- durable folders (fsync, rename) -------------------------------------------------------------
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory, so that the renames and new entries in it survive a power loss."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def fsync_tree(root: str | os.PathLike) -> None:
     """fsync every file and directory under ``root`` (files first, then their folders, deepest first)."""
