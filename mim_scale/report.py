@@ -100,7 +100,9 @@ def report(run_dir: Path, *, pictures: bool = True) -> dict[str, Any]:
     if rows:
         validated = validated_records(history)
         if validated:
-            print(f"  validation (val_*, fixed set) at steps {', '.join(str(h['step']) for h in validated)}")
+            kind = validated[-1].get("validation_set", "seen")
+            what = "held-out volumes, never trained on" if kind == "held-out" else "crops of training volumes (seen)"
+            print(f"  validation (val_*, fixed set of {what}) at steps {', '.join(str(h['step']) for h in validated)}")
         print(f"  {'metric':12s} {'first':>10s} {'last':>10s} {'change':>9s}")
         for row in rows:
             print(f"  {row[0]:12s} {row[1]:>10s} {row[2]:>10s} {row[3]:>9s}")
