@@ -55,6 +55,15 @@ def _ensure_moments(engine, step: int) -> None:
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if "step" not in group:
                 state["step"] = torch.tensor(float(step), dtype=torch.float32)
+    # ZeRO-3 hands the optimizer its flat fp32 partitions only inside step() (param_groups are empty between
+    # steps), and keys the optimizer state by those flats: create the state there.
+    for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or []:
+        state = opt.state[flat]
+        for key in MOMENTS:
+            if key not in state:
+                state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        if "step" not in state:
+            state["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
 def _link_moments(engine) -> None:
