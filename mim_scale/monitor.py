@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -144,42 +145,43 @@ def start_local_prometheus(
         )
     host = "127.0.0.1" if addr in ("", "0.0.0.0") else addr
     deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise UserFacingError(f"prometheus exited with {proc.returncode} (log {log_path}):\n{tail}")
-        try:
-            with urllib.request.urlopen(f"http://{host}:{port}/-/ready", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.1)
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise UserFacingError(f"prometheus exited with {proc.returncode} (log {log_path}):\n{tail}")
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}/-/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return proc
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+    except BaseException:  # Ctrl-C while waiting: Prometheus goes too
+        _stop_child(proc)
+        raise
     proc.terminate()
     proc.wait(timeout=10)
     raise UserFacingError(f"prometheus on {addr}:{port} not ready after {ready_timeout}s (log {log_path})")
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived: stop Prometheus as on Ctrl-C (a service manager, ``timeout`` or ``kill`` sends it)."""
-
-
-def _on_sigterm(*_) -> None:
-    raise _Terminated
-
-
 def _run(args: argparse.Namespace) -> int:
+    """Serve until Prometheus exits, ``--duration`` passes, Ctrl-C or SIGTERM; Prometheus always goes with us.
+
+    SIGTERM only sets a flag (a handler that raised could land between starting Prometheus and the ``try``
+    that stops it, and leave it running); the wait below polls the flag."""
+    stop = threading.Event()
     try:  # before the child exists: no window without it
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     except ValueError:  # not the main thread (embedded, tests): the caller owns the signals
-        return _serve(args)
+        return _serve(args, stop)
     try:
-        return _serve(args)
+        return _serve(args, stop)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     proc = start_local_prometheus(
         args.run_dir,
         port=args.port,
@@ -188,27 +190,33 @@ def _serve(args: argparse.Namespace) -> int:
         targets_file=args.targets,
         scrape_interval=args.scrape_interval,
     )
-    host = "127.0.0.1" if args.addr in ("", "0.0.0.0") else args.addr
-    run_dir = Path(args.run_dir)
-    targets = Path(args.targets) if args.targets else rundir.targets_glob(run_dir)
-    print(f"prometheus: http://{host}:{args.port}  (pid {proc.pid}, log {run_dir / rundir.MONITOR_DIR / 'prometheus.log'})")
-    print(f"targets file: {targets}")
-    print(f"try: curl 'http://{host}:{args.port}/api/v1/query?query=mim_step'")
-    sys.stdout.flush()
     try:
-        proc.wait(timeout=args.duration)  # None: until Prometheus exits or Ctrl-C
-    except (KeyboardInterrupt, _Terminated, subprocess.TimeoutExpired):
+        host = "127.0.0.1" if args.addr in ("", "0.0.0.0") else args.addr
+        run_dir = Path(args.run_dir)
+        targets = Path(args.targets) if args.targets else rundir.targets_glob(run_dir)
+        print(f"prometheus: http://{host}:{args.port}  (pid {proc.pid}, log {run_dir / rundir.MONITOR_DIR / 'prometheus.log'})")
+        print(f"targets file: {targets}")
+        print(f"try: curl 'http://{host}:{args.port}/api/v1/query?query=mim_step'")
+        sys.stdout.flush()
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        while proc.poll() is None and not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.2)
+    except KeyboardInterrupt:
         pass
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop_child(proc)
     # stopped by us (SIGTERM) or asked to quit: success; anything else is Prometheus failing
     return 0 if proc.returncode in (0, -15) else proc.returncode
+
+
+def _stop_child(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def register(subparsers) -> None:
