@@ -380,10 +380,10 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     stop_uri = f"{storage.rstrip('/')}/{name}" if "://" in storage else None
     check_elastic(cfg)
-    resolve(cfg, worker_range(cfg)[1], training_volume_count(cfg))  # a recipe that cannot run fails here, not in workers
     parse_fault(fault), parse_ckpt_fault(ckpt_fault)  # a mistyped drill fails here, not in every worker
     if init is not None:
         init = check_init(cfg, Path(init))
+    resolve(cfg, worker_range(cfg)[1], training_volume_count(cfg))  # a recipe that cannot run fails here, not in workers
     clear_stop_request(run_dir, stop_uri)  # a stop request belongs to the run it stopped, not to its resume
     shards = cfg.data.shards
     if shards and "://" not in shards and not shards.startswith("pipe:"):
