@@ -83,9 +83,9 @@ def run_quickstart(out: Path, *, source: Path | None = None, steps: int = 16, wo
     print(f"   checkpoint {result.checkpoint}")
 
     _say(4, "export the encoder (safetensors + config.json, key schema 1)")
-    # both series are test files of TotalSegmentator 2.18.0's source archive (Apache-2.0): the card's licence
-    export_dir = export_run(run_dir, out / "export",
-                            data_licenses={"abdomen-dicom": "apache-2.0", "abdomen-pelvis": "apache-2.0"})
+    # the training volume is a test file of TotalSegmentator 2.18.0's source archive (Apache-2.0): the card's
+    # licence (the DICOM series, from the same archive, was held out and never trained on)
+    export_dir = export_run(run_dir, out / "export", data_licenses={"abdomen-pelvis": "apache-2.0"})
     encoder, config = load_encoder(export_dir)  # strict key matching, every sha256 checked
     artefacts["export"] = export_dir
     print(f"   {export_dir} ({config['parameters']:,} parameters, loads strictly)")
