@@ -183,7 +183,9 @@ def validation_losses(model, vset: ValidationSet, batch_size: int = 1) -> dict[s
     """Per-level masked reconstruction loss (and alignment) of ``model`` on the fixed set.
 
     Returns ``{"val_rec_l1": ..., ["val_rec_l2", "val_rec_l3", "val_align_12", "val_align_23"], "val_total"}``,
-    each the mean over crops. The model is put in eval mode for the pass and restored after.
+    each the mean over crops. The model is put in eval mode for the pass and restored after. The alignment
+    heads normalise over each batch's pairs (BatchNorm on batch statistics), so the alignment losses depend on
+    ``batch_size``: compare them only at the same one (the engine validates one crop at a time).
     """
     was_training = model.training
     model.eval()
