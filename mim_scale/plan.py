@@ -20,6 +20,7 @@ from importlib import resources
 from typing import Any
 
 from mim_scale.config import SHIPPED_CONFIGS, Config, load_config
+from mim_scale.errors import UserFacingError
 from mim_scale.recipe import Recipe, allowed_worker_counts, resolve
 
 # Without a manifest to read the volume size from: a 350 x 350 x 300 mm CT at 1.5 mm, int16 (an assumption,
@@ -119,7 +120,12 @@ def make_plan(cfg: Config, *, workers: int | None = None, training_volumes: int 
     from mim_scale.model.memory import analytic_memory, model_state_bytes_per_worker
 
     workers = workers or cfg.launch.workers
-    shards = _shard_list(cfg)
+    try:
+        shards = _shard_list(cfg)
+    except UserFacingError:
+        if training_volumes is None:
+            raise
+        shards = None  # planning before the shards exist: the volume count is given, sizes are assumed
     if training_volumes is None and shards is not None:
         training_volumes = sum(s.samples for s in shards)
     recipe = resolve(cfg, workers, training_volumes, need_steps=False)
