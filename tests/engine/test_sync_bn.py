@@ -37,6 +37,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     with open(f"{out}-{rank}.json", "w") as f:
         json.dump({"y": y.tolist(), "grad": xs.grad.tolist(), "running_mean": bn.running_mean.tolist(),
                    "running_var": bn.running_var.tolist(), "weight_grad": bn.weight.grad.tolist()}, f)
+    dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts then)
     dist.destroy_process_group()
 
 

@@ -82,7 +82,9 @@ def test_pretrain_refuses_a_held_run_before_ray_starts(tmp_path, monkeypatch):
         while time.time() < stop and (run / LEASE_FILE).exists():
             record = json.loads((run / LEASE_FILE).read_text())
             record["heartbeat"] = time.time()
-            (run / LEASE_FILE).write_text(json.dumps(record))
+            tmp = run / (LEASE_FILE + ".beat")  # atomically, as a real holder writes: a reader never sees half
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, run / LEASE_FILE)
             time.sleep(0.2)
 
     import threading
