@@ -49,21 +49,21 @@ def _ensure_moments(engine, step: int) -> None:
         if "step" in group:  # DeepSpeed's FusedAdam counts steps per group
             group["step"] = step
         for p in group["params"]:
-            state = opt.state[p]
-            for key in MOMENTS:
-                if key not in state:
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if "step" not in group:
-                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+            _zero_moments(opt.state[p], p, step if "step" not in group else None, set_step=True)
     # ZeRO-3 hands the optimizer its flat fp32 partitions only inside step() (param_groups are empty between
     # steps), and keys the optimizer state by those flats: create the state there.
     for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or []:
-        state = opt.state[flat]
-        for key in MOMENTS:
-            if key not in state:
-                state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-        if "step" not in state:
-            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        _zero_moments(opt.state[flat], flat, step)
+
+
+def _zero_moments(state: dict, like: torch.Tensor, step: int | None, set_step: bool = False) -> None:
+    """Zero AdamW moments shaped like ``like`` where ``state`` has none; the per-tensor ``step`` where it has none,
+    or always with ``set_step`` (``step`` None: the optimizer counts steps per group)."""
+    for key in MOMENTS:
+        if key not in state:
+            state[key] = torch.zeros_like(like, memory_format=torch.preserve_format)
+    if step is not None and (set_step or "step" not in state):
+        state["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
 def _link_moments(engine) -> None:
