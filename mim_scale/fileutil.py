@@ -20,11 +20,15 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, fsync and rename: no half-written file survives."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a signal: the old file stays, no temporary is left beside it
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
