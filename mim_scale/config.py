@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+# ConfigError and apply_overrides are re-exported: callers catch and use them from here
+from mim_scale.tomltree import ConfigError, TreeSource, apply_overrides, build_dataclass, choice, require  # noqa: F401
 
 SHIPPED_CONFIGS = ("tiny", "base", "large", "huge")  # the model sizes; data recipes ship beside them
 
@@ -30,15 +30,6 @@ def shipped_names() -> list[str]:
     """Every pre-training config shipped in ``mim_scale/configs`` (fine-tuning recipes excluded)."""
     folder = resources.files("mim_scale.configs")
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml") and not p.name.startswith("finetune_"))
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message starts with the dotted key at fault."""
-
-    def __init__(self, key: str, reason: str):
-        self.key = key
-        self.reason = reason
-        super().__init__(f"{key}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +49,17 @@ class DataConfig:
     # http) are refused unless this is true: only for manifests you wrote or trust (a pipe: URL runs a shell).
     allow_external_shard_urls: bool = False
     validation_shards: str = ""  # manifest of held-out volumes (never trained on); "" = validate on training shards
+
+    def check(self, model: "ModelConfig") -> None:
+        require(self.crop_size == 2 * model.view_size, "data.crop_size",
+                f"must be 2 x model.view_size = {2 * model.view_size} (level-2 views are the crop's octants), "
+                f"got {self.crop_size}")
+        require(self.crops_per_volume >= 1, "data.crops_per_volume", "must be >= 1")
+        require(self.hu_max > self.hu_min, "data.hu_max", "must be greater than data.hu_min")
+        require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        for name, w in self.mixture.items():
+            require(w > 0 and math.isfinite(w), f"data.mixture.{name}", f"weight must be positive, got {w}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,27 @@ class ModelConfig:
     def embed_dim(self) -> int:
         return self.widths[-1]
 
+    def check(self) -> None:
+        w = self.widths
+        require(len(w) >= 2, "model.widths", "needs at least one conv stage and the transformer stage")
+        require(all(x > 0 for x in w), "model.widths", "widths must be positive")
+        require(len(self.conv_depths) == len(w) - 1, "model.conv_depths",
+                f"needs one entry per conv stage: {len(w) - 1} (len(model.widths) - 1), got {len(self.conv_depths)}")
+        require(all(x >= 0 for x in self.conv_depths), "model.conv_depths", "depths must be >= 0")
+        require(self.conv_kernel >= 1 and self.conv_kernel % 2 == 1, "model.conv_kernel", "must be a positive odd number")
+        require(self.view_size > 0 and self.view_size % self.patch_size == 0, "model.view_size",
+                f"must be divisible by the patch size {self.patch_size} (= 2 ** len(model.widths)), got {self.view_size}")
+        require(self.grid % 2 == 0, "model.view_size",
+                f"the token grid per side (view_size / patch_size = {self.grid}) must be even, to split into octants")
+        require(self.in_channels >= 1, "model.in_channels", "must be >= 1")
+        require(self.encoder_depth >= 1, "model.encoder_depth", "must be >= 1")
+        require(self.encoder_heads >= 1 and self.embed_dim % self.encoder_heads == 0, "model.encoder_heads",
+                f"must divide the transformer width model.widths[-1] = {self.embed_dim}")
+        require(self.decoder_depth >= 1, "model.decoder_depth", "must be >= 1")
+        require(self.decoder_heads >= 1 and self.decoder_dim % self.decoder_heads == 0, "model.decoder_heads",
+                f"must divide model.decoder_dim = {self.decoder_dim}")
+        require(self.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
+
 
 @dataclass(frozen=True)
 class MaskingConfig:
@@ -110,6 +133,25 @@ class MaskingConfig:
     level3_ratio: float = 0.5
     level3_picks: int = 4  # masked level-2 patches turned into level-3 views, per level-2 view
 
+    def check(self, model: ModelConfig) -> None:
+        tokens = model.num_tokens
+        require(self.levels in (1, 2, 3), "masking.levels", f"must be 1, 2 or 3, got {self.levels}")
+        octants_masked = round(8 * self.level1_ratio)
+        require(0 < self.level1_ratio < 1 and abs(octants_masked - 8 * self.level1_ratio) < 1e-9
+                and 1 <= octants_masked <= 7, "masking.level1_ratio",
+                f"must mask a whole number of the 8 octants (k/8, 1 <= k <= 7), got {self.level1_ratio}")
+        for key, ratio in (("level2_ratio", self.level2_ratio), ("level3_ratio", self.level3_ratio)):
+            require(0 < ratio < 1, f"masking.{key}", f"must be in (0, 1), got {ratio}")
+            kept = math.floor(tokens * (1 - ratio))
+            require(1 <= kept < tokens, f"masking.{key}",
+                    f"keeps {kept} of {tokens} tokens; must keep at least one and mask at least one")
+        require(self.levels == 1 or octants_masked >= 2, "masking.level1_ratio",
+                "must mask at least 2 of the 8 octants when levels >= 2: the alignment MLPs normalise over the "
+                f"level-2 views of each crop (BatchNorm needs >= 2), got {octants_masked}")
+        masked_l2 = tokens - math.floor(tokens * (1 - self.level2_ratio))
+        require(1 <= self.level3_picks <= masked_l2, "masking.level3_picks",
+                f"must be between 1 and the masked tokens per level-2 view ({masked_l2}), got {self.level3_picks}")
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -118,6 +160,14 @@ class LossConfig:
     align_variant: str = "simsiam"  # "simsiam" (spec default) or "reference" (collapse-prone)
     schedule: str = "constant"  # "constant" or "sincos" (ramps coarse/fine weights over training)
     norm_pix_eps: float = 1e-6
+
+    def check(self) -> None:
+        require(len(self.rec_weights) == 3, "loss.rec_weights", "needs 3 entries (w1, w2, w3)")
+        require(len(self.align_weights) == 2, "loss.align_weights", "needs 2 entries (a12, a23)")
+        require(all(w >= 0 for w in self.rec_weights + self.align_weights), "loss.rec_weights", "weights must be >= 0")
+        choice(self.align_variant, "loss.align_variant", ("simsiam", "reference"))
+        choice(self.schedule, "loss.schedule", ("constant", "sincos"))
+        require(self.norm_pix_eps > 0, "loss.norm_pix_eps", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -150,6 +200,33 @@ class TrainConfig:
     validation_crops: int = 4  # crops drawn from the shards when the validation set is built
     pictures_every: int = 0  # steps; 0 = with every checkpoint
 
+    def check(self, launch: "LaunchConfig") -> None:
+        require(self.steps >= 0, "train.steps", "must be >= 1 (or 0 to derive it from train.epochs)")
+        require(self.steps > 0 or self.epochs > 0, "train.steps",
+                "0 derives the steps from train.epochs, which is 0 too: set one of them")
+        require(self.epochs >= 0 and math.isfinite(self.epochs), "train.epochs", "must be >= 0")
+        require(self.warmup_epochs >= 0 and (self.epochs == 0 or self.warmup_epochs <= self.epochs),
+                "train.warmup_epochs", "must be >= 0 and at most train.epochs")
+        require(self.micro_batch >= 1, "train.micro_batch", "must be >= 1")
+        require(self.grad_accum >= 0, "train.grad_accum",
+                "must be >= 1 (or 0 to derive it from train.global_batch_crops)")
+        require(self.global_batch_crops >= 0, "train.global_batch_crops",
+                "must be >= 0 (0 = workers x micro_batch x grad_accum)")
+        require(self.lr >= 0, "train.lr", "must be >= 0 (0 derives it from train.base_lr)")
+        require(self.base_lr > 0, "train.base_lr", "must be > 0")
+        require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+                "needs two values in [0, 1)")
+        require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+        choice(self.precision, "train.precision", ("fp32", "bf16", "fp16"))
+        require(self.precision != "fp16" or launch.use_gpu, "train.precision",
+                "fp16 needs launch.use_gpu = true (CPU has no fp16 training)")
+        require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        for key, least in (("checkpoint_every", 0), ("checkpoint_minutes", 0), ("keep_last", 1), ("log_every", 1),
+                           ("validate_every", 0), ("validation_crops", 1), ("pictures_every", 0)):
+            require(getattr(self, key) >= least, f"train.{key}", f"must be >= {least}")
+
 
 @dataclass(frozen=True)
 class LaunchConfig:
@@ -162,6 +239,14 @@ class LaunchConfig:
     max_failures: int = 2
     min_workers: int = 0  # 0 = same as workers (no elasticity)
     ray_num_cpus: int = 0  # CPUs for a local cluster; 0 = all
+
+    def check(self) -> None:
+        require(self.workers >= 1, "launch.workers", "must be >= 1")
+        require(0 <= self.min_workers <= self.workers, "launch.min_workers", "must be between 0 and launch.workers")
+        require(self.cpus_per_worker > 0, "launch.cpus_per_worker", "must be > 0")
+        require(self.max_failures >= -1, "launch.max_failures", "must be >= -1 (-1 = unlimited)")
+        require(self.ray_num_cpus >= 0, "launch.ray_num_cpus", "must be >= 0")
+        require(bool(self.storage), "launch.storage", "must name a path or URI")
 
 
 @dataclass(frozen=True)
@@ -178,11 +263,19 @@ class MetricsConfig:
     linger_seconds: float = 0.0  # keep /metrics up this long after the run ends, for a last scrape
     tensorboard: bool = True  # rank 0 writes RUN/tensorboard/ when the tensorboard package is installed
 
+    def check(self) -> None:
+        require(0 <= self.port < 65536, "metrics.port", "must be a TCP port (0 = ephemeral)")
+        require(self.device_peak_flops >= 0, "metrics.device_peak_flops", "must be >= 0")
+        require(self.linger_seconds >= 0, "metrics.linger_seconds", "must be >= 0")
+
 
 @dataclass(frozen=True)
 class ExportConfig:
     dtype: str = "float32"  # dtype of the exported encoder weights
     full_state: bool = False
+
+    def check(self) -> None:
+        choice(self.dtype, "export.dtype", ("float32", "bfloat16", "float16"))
 
 
 @dataclass(frozen=True)
@@ -205,16 +298,17 @@ class Config:
         return from_dict(apply_overrides(self.to_dict(), overrides))
 
 
-def apply_overrides(tree: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    """``tree`` with ``key=value`` strings (TOML values) or ``{dotted.key: value}`` applied in place."""
-    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
-    for key, value in items:
-        _set_dotted(tree, key, value)
-    return tree
-
-
 # ---------------------------------------------------------------------------------------------
 # loading
+
+_TREES = TreeSource(
+    "config",
+    shipped_file=lambda name: f"{name}.toml",
+    names=shipped_names,
+    yaml=True,
+    atomic_tables=frozenset({"mixture"}),  # an extending file's data.mixture replaces the base's whole
+)
+
 
 def load_config(source: str | Path | dict | None = "tiny", overrides: list[str] | None = None) -> Config:
     """Load a shipped preset name, a TOML/YAML file, or a dict; apply ``key=value`` overrides."""
@@ -227,248 +321,29 @@ def load_config(source: str | Path | dict | None = "tiny", overrides: list[str] 
 
 def read_config_tree(source: str) -> dict[str, Any]:
     """The raw tree of a preset name or a file, with ``extends = "NAME_OR_FILE"`` resolved."""
-    path = Path(source)
-    shipped = resources.files("mim_scale.configs").joinpath(f"{source}.toml")
-    if not path.exists() and "/" not in source and not path.suffix:
-        if not shipped.is_file():
-            raise ConfigError("config", f"no file {source!r} and no shipped config of that name "
-                              f"(shipped: {', '.join(shipped_names())})")
-        tree = tomllib.loads(shipped.read_text())
-        tree.setdefault("name", source)
-        base_dir = None
-    else:
-        if not path.is_file():
-            raise ConfigError("config", f"file not found: {path}")
-        text = path.read_text()
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                tree = yaml.safe_load(text) or {}
-            else:
-                tree = tomllib.loads(text)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-            raise ConfigError("config", f"cannot parse {path}: {exc}") from exc
-        if not isinstance(tree, dict):
-            raise ConfigError("config", f"{path} must hold a table of sections")
-        tree.setdefault("name", path.stem)
-        base_dir = path.parent
-    return resolve_extends(tree, base_dir, read_config_tree)
-
-
-def resolve_extends(tree: dict[str, Any], base_dir: Path | None, read) -> dict[str, Any]:
-    """Merge ``tree`` over the tree its ``extends`` key names (a file beside it, else a shipped name)."""
-    parent = tree.pop("extends", None)
-    if parent:
-        if base_dir is not None and (base_dir / parent).is_file():
-            parent = str(base_dir / parent)
-        tree = _merge(read(parent), tree)
-    return tree
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "mixture":
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _split_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ConfigError(item, "an override must look like section.key=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    raw = raw.strip()
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare string such as a path
-    return key, value
-
-
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(".".join(parts[: i + 1]), "is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+    return _TREES.read(source)
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a plain tree."""
-    cfg = _build(Config, tree, "")
+    cfg = build_dataclass(Config, tree, "")
     validate(cfg)
     return cfg
-
-
-def _build(cls: type, tree: Any, prefix: str):
-    if not isinstance(tree, dict):
-        raise ConfigError(prefix or "config", f"expected a table, got {type(tree).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in tree:
-        if key not in names:
-            where = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(where, f"unknown key (valid: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in tree:
-            continue
-        where = f"{prefix}.{f.name}" if prefix else f.name
-        kwargs[f.name] = _coerce(hints[f.name], tree[f.name], where)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, where: str):
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        (item_type, _ellipsis) = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(where, f"expected a list, got {value!r}")
-        return tuple(_coerce(item_type, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        key_type, val_type = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise ConfigError(where, f"expected a table, got {value!r}")
-        return {str(k): _coerce(val_type, v, f"{where}.{k}") for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(where, "union types are not supported in config")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(where, f"expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(where, f"expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(where, f"expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(where, f"expected a string, got {value!r}")
-        return value
-    raise ConfigError(where, f"unsupported type {hint}")
 
 
 # ---------------------------------------------------------------------------------------------
 # validation
 
-def _require(ok: bool, key: str, reason: str) -> None:
-    if not ok:
-        raise ConfigError(key, reason)
-
-
-def _choice(value: str, key: str, options: tuple[str, ...]) -> None:
-    _require(value in options, key, f"must be one of {', '.join(options)}, got {value!r}")
-
 
 def validate(cfg: Config) -> None:
-    """Check ranges and the coupled sizes of MIM_METHOD.md; raise ConfigError naming the key."""
-    d, m, k, lo, t, la, me = cfg.data, cfg.model, cfg.masking, cfg.loss, cfg.train, cfg.launch, cfg.metrics
-
-    # model
-    _require(len(m.widths) >= 2, "model.widths", "needs at least one conv stage and the transformer stage")
-    _require(all(w > 0 for w in m.widths), "model.widths", "widths must be positive")
-    _require(len(m.conv_depths) == len(m.widths) - 1, "model.conv_depths",
-             f"needs one entry per conv stage: {len(m.widths) - 1} (len(model.widths) - 1), got {len(m.conv_depths)}")
-    _require(all(x >= 0 for x in m.conv_depths), "model.conv_depths", "depths must be >= 0")
-    _require(m.conv_kernel >= 1 and m.conv_kernel % 2 == 1, "model.conv_kernel", "must be a positive odd number")
-    _require(m.view_size > 0 and m.view_size % m.patch_size == 0, "model.view_size",
-             f"must be divisible by the patch size {m.patch_size} (= 2 ** len(model.widths)), got {m.view_size}")
-    _require(m.grid % 2 == 0, "model.view_size",
-             f"the token grid per side (view_size / patch_size = {m.grid}) must be even, to split into octants")
-    _require(m.in_channels >= 1, "model.in_channels", "must be >= 1")
-    _require(m.encoder_depth >= 1, "model.encoder_depth", "must be >= 1")
-    _require(m.encoder_heads >= 1 and m.embed_dim % m.encoder_heads == 0, "model.encoder_heads",
-             f"must divide the transformer width model.widths[-1] = {m.embed_dim}")
-    _require(m.decoder_depth >= 1, "model.decoder_depth", "must be >= 1")
-    _require(m.decoder_heads >= 1 and m.decoder_dim % m.decoder_heads == 0, "model.decoder_heads",
-             f"must divide model.decoder_dim = {m.decoder_dim}")
-    _require(m.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
-
-    # data
-    _require(d.crop_size == 2 * m.view_size, "data.crop_size",
-             f"must be 2 x model.view_size = {2 * m.view_size} (level-2 views are the crop's octants), got {d.crop_size}")
-    _require(d.crops_per_volume >= 1, "data.crops_per_volume", "must be >= 1")
-    _require(d.hu_max > d.hu_min, "data.hu_max", "must be greater than data.hu_min")
-    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
-    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    for name, w in d.mixture.items():
-        _require(w > 0 and math.isfinite(w), f"data.mixture.{name}", f"weight must be positive, got {w}")
-
-    # masking
-    _require(k.levels in (1, 2, 3), "masking.levels", f"must be 1, 2 or 3, got {k.levels}")
-    octants_masked = round(8 * k.level1_ratio)
-    _require(0 < k.level1_ratio < 1 and abs(octants_masked - 8 * k.level1_ratio) < 1e-9 and 1 <= octants_masked <= 7,
-             "masking.level1_ratio", f"must mask a whole number of the 8 octants (k/8, 1 <= k <= 7), got {k.level1_ratio}")
-    for key, ratio in (("level2_ratio", k.level2_ratio), ("level3_ratio", k.level3_ratio)):
-        _require(0 < ratio < 1, f"masking.{key}", f"must be in (0, 1), got {ratio}")
-        kept = math.floor(m.num_tokens * (1 - ratio))
-        _require(1 <= kept < m.num_tokens, f"masking.{key}",
-                 f"keeps {kept} of {m.num_tokens} tokens; must keep at least one and mask at least one")
-    _require(k.levels == 1 or octants_masked >= 2, "masking.level1_ratio",
-             "must mask at least 2 of the 8 octants when levels >= 2: the alignment MLPs normalise over the "
-             f"level-2 views of each crop (BatchNorm needs >= 2), got {octants_masked}")
-    masked_l2 = m.num_tokens - math.floor(m.num_tokens * (1 - k.level2_ratio))
-    _require(1 <= k.level3_picks <= masked_l2, "masking.level3_picks",
-             f"must be between 1 and the masked tokens per level-2 view ({masked_l2}), got {k.level3_picks}")
-
-    # loss
-    _require(len(lo.rec_weights) == 3, "loss.rec_weights", "needs 3 entries (w1, w2, w3)")
-    _require(len(lo.align_weights) == 2, "loss.align_weights", "needs 2 entries (a12, a23)")
-    _require(all(w >= 0 for w in lo.rec_weights + lo.align_weights), "loss.rec_weights", "weights must be >= 0")
-    _choice(lo.align_variant, "loss.align_variant", ("simsiam", "reference"))
-    _choice(lo.schedule, "loss.schedule", ("constant", "sincos"))
-    _require(lo.norm_pix_eps > 0, "loss.norm_pix_eps", "must be > 0")
-
-    # train
-    _require(t.steps >= 0, "train.steps", "must be >= 1 (or 0 to derive it from train.epochs)")
-    _require(t.steps > 0 or t.epochs > 0, "train.steps",
-             "0 derives the steps from train.epochs, which is 0 too: set one of them")
-    _require(t.epochs >= 0 and math.isfinite(t.epochs), "train.epochs", "must be >= 0")
-    _require(t.warmup_epochs >= 0 and (t.epochs == 0 or t.warmup_epochs <= t.epochs), "train.warmup_epochs",
-             "must be >= 0 and at most train.epochs")
-    _require(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
-    _require(t.grad_accum >= 0, "train.grad_accum", "must be >= 1 (or 0 to derive it from train.global_batch_crops)")
-    _require(t.global_batch_crops >= 0, "train.global_batch_crops", "must be >= 0 (0 = workers x micro_batch x grad_accum)")
-    _require(t.lr >= 0, "train.lr", "must be >= 0 (0 derives it from train.base_lr)")
-    _require(t.base_lr > 0, "train.base_lr", "must be > 0")
-    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "needs two values in [0, 1)")
-    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-    _choice(t.precision, "train.precision", ("fp32", "bf16", "fp16"))
-    _require(t.precision != "fp16" or la.use_gpu, "train.precision", "fp16 needs launch.use_gpu = true (CPU has no fp16 training)")
-    _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
-    _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
-    _require(t.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0")
-    _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
-    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
-    _require(t.validate_every >= 0, "train.validate_every", "must be >= 0")
-    _require(t.validation_crops >= 1, "train.validation_crops", "must be >= 1")
-    _require(t.pictures_every >= 0, "train.pictures_every", "must be >= 0")
-
-    # launch
-    _require(la.workers >= 1, "launch.workers", "must be >= 1")
-    _require(0 <= la.min_workers <= la.workers, "launch.min_workers", "must be between 0 and launch.workers")
-    _require(la.cpus_per_worker > 0, "launch.cpus_per_worker", "must be > 0")
-    _require(la.max_failures >= -1, "launch.max_failures", "must be >= -1 (-1 = unlimited)")
-    _require(la.ray_num_cpus >= 0, "launch.ray_num_cpus", "must be >= 0")
-    _require(bool(la.storage), "launch.storage", "must name a path or URI")
-
-    # metrics
-    _require(0 <= me.port < 65536, "metrics.port", "must be a TCP port (0 = ephemeral)")
-    _require(me.device_peak_flops >= 0, "metrics.device_peak_flops", "must be >= 0")
-    _require(me.linger_seconds >= 0, "metrics.linger_seconds", "must be >= 0")
-
-    _choice(cfg.export.dtype, "export.dtype", ("float32", "bfloat16", "float16"))
+    """Check ranges and the coupled sizes of MIM_METHOD.md, section by section (each section's ``check``
+    sits beside its fields; the model goes first because data and masking sizes are checked against it);
+    raise ConfigError naming the key."""
+    cfg.model.check()
+    cfg.data.check(cfg.model)
+    cfg.masking.check(cfg.model)
+    cfg.loss.check()
+    cfg.train.check(cfg.launch)
+    cfg.launch.check()
+    cfg.metrics.check()
+    cfg.export.check()

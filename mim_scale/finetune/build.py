@@ -9,7 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from mim_scale.config import ConfigError, ModelConfig, _build, load_config
+from mim_scale.config import ConfigError, ModelConfig, load_config
+from mim_scale.tomltree import build_dataclass
 from mim_scale.errors import UserFacingError
 from mim_scale.finetune.networks import ClassificationNet, SegmentationNet
 from mim_scale.finetune.recipe import Recipe
@@ -35,7 +36,7 @@ def model_config_from_meta(meta: dict[str, Any], where: str) -> ModelConfig:
         raise UserFacingError(f"{where}: config.json has no 'model' block with the encoder's architecture")
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
-        return _build(ModelConfig, {k: v for k, v in tree.items() if k in names}, "model")
+        return build_dataclass(ModelConfig, {k: v for k, v in tree.items() if k in names}, "model")
     except ConfigError as exc:
         raise UserFacingError(f"{where}: bad 'model' block in config.json: {exc}") from exc
 

@@ -2,7 +2,7 @@
 
 A recipe is a TOML file (or a shipped name such as ``btcv``, read from
 ``mim_scale/configs/finetune_<name>.toml``) loaded into frozen dataclasses and validated; every problem
-raises :class:`~mim_scale.config.ConfigError` naming the dotted key.
+raises :class:`~mim_scale.tomltree.ConfigError` (also importable from :mod:`mim_scale.config`) naming the dotted key.
 
 Precedence, lowest first: the defaults below, the exported encoder's own preprocessing (its
 ``config.json``), the recipe file, then ``--set section.key=value`` overrides. So an exported model
@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mim_scale.config import ConfigError, _build, _merge, apply_overrides, resolve_extends
+from mim_scale.tomltree import TreeSource, apply_overrides, build_dataclass, choice, require
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,18 @@ class PreprocessingRecipe:
     roi_size: tuple[int, ...] = ()  # training crop / sliding-window ROI; () = the encoder's view size cubed
     crop_foreground: bool = True  # drop the air around the body (voxels at the window's floor) before caching
 
+    def check(self) -> None:
+        o = self.orientation
+        require(len(o) == 3 and all(sum(c in pair for c in o) == 1 for pair in ("LR", "AP", "SI")),
+                "preprocessing.orientation", f"must be three axis codes, one of each L/R, A/P, S/I, such as SPL or "
+                f"RAS, got {o!r}")
+        require(len(self.spacing) == 3 and all(s > 0 for s in self.spacing), "preprocessing.spacing",
+                f"needs three positive values (mm), got {list(self.spacing)}")
+        require(self.hu_max > self.hu_min, "preprocessing.hu_max", "must be greater than preprocessing.hu_min")
+        require(self.roi_size == () or (len(self.roi_size) == 3 and all(s > 0 for s in self.roi_size)),
+                "preprocessing.roi_size",
+                f"needs three positive sizes, or [] for the encoder's view size, got {list(self.roi_size)}")
+
 
 @dataclass(frozen=True)
 class AugmentationRecipe:
@@ -58,6 +69,13 @@ class AugmentationRecipe:
     intensity_scale: float = 0.1  # multiply by 1 + U(-s, s)
     intensity_shift: float = 0.1  # add U(-s, s) (intensities are in [0, 1])
     intensity_prob: float = 0.5
+
+    def check(self) -> None:
+        require(0 <= self.pos_fraction <= 1, "augmentation.pos_fraction", "must be in [0, 1]")
+        for key in ("flip_prob", "rot90_prob", "intensity_prob"):
+            require(0 <= getattr(self, key) <= 1, f"augmentation.{key}", "must be a probability in [0, 1]")
+        require(0 <= self.intensity_scale < 1, "augmentation.intensity_scale", "must be in [0, 1)")
+        require(self.intensity_shift >= 0, "augmentation.intensity_shift", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,25 @@ class TrainRecipe:
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"
     precision: str = "fp32"  # "fp32" or "bf16" (autocast; master weights stay fp32)
 
+    def check(self) -> None:
+        require(self.steps >= 1, "train.steps", "must be >= 1")
+        require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        require(self.lr > 0, "train.lr", "must be > 0")
+        require(0 <= self.min_lr <= self.lr, "train.min_lr", "must be between 0 and train.lr")
+        require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+                "needs two values in [0, 1)")
+        require(0 < self.layer_decay <= 1, "train.layer_decay", "must be in (0, 1] (1 disables layer-wise decay)")
+        require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+        for key, least in (("log_every", 1), ("checkpoint_every", 0), ("keep_last", 1), ("val_every", 0),
+                           ("threads", 0)):
+            require(getattr(self, key) >= least, f"train.{key}", f"must be >= {least}")
+        d = self.device
+        require(d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()),
+                "train.device", f"must be auto, cpu, cuda or cuda:N, got {d!r}")
+        require(self.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {self.precision!r}")
+
 
 @dataclass(frozen=True)
 class NetworkRecipe:
@@ -89,12 +126,24 @@ class NetworkRecipe:
     dropout: float = 0.0  # classification head
     pooling: str = "avg"  # classification: "avg" or "max" global pooling
 
+    def check(self) -> None:
+        require(self.feature_size >= 0, "network.feature_size", "must be >= 0 (0 = the encoder's first width)")
+        require(self.norm in ("instance", "batch"), "network.norm", f"must be instance or batch, got {self.norm!r}")
+        require(0 <= self.dropout < 1, "network.dropout", "must be in [0, 1)")
+        require(self.pooling in ("avg", "max"), "network.pooling", f"must be avg or max, got {self.pooling!r}")
+
 
 @dataclass(frozen=True)
 class EvalRecipe:
     sw_overlap: float = 0.5
     sw_batch_size: int = 2
     sw_mode: str = "gaussian"  # "gaussian" or "constant" blending
+
+    def check(self) -> None:
+        require(0 <= self.sw_overlap < 1, "eval.sw_overlap", "must be in [0, 1)")
+        require(self.sw_batch_size >= 1, "eval.sw_batch_size", "must be >= 1")
+        require(self.sw_mode in ("gaussian", "constant"), "eval.sw_mode",
+                f"must be gaussian or constant, got {self.sw_mode!r}")
 
 
 @dataclass(frozen=True)
@@ -125,28 +174,12 @@ def shipped_recipes() -> list[str]:
     return sorted(names)
 
 
+_TREES = TreeSource("recipe", shipped_file=lambda name: f"finetune_{name}.toml", names=shipped_recipes)
+
+
 def read_recipe_tree(source: str | Path) -> dict[str, Any]:
     """The raw tree of a shipped recipe name or a TOML file (``extends = "NAME_OR_FILE"`` resolved)."""
-    source = str(source)
-    path = Path(source)
-    if not path.exists() and "/" not in source and not path.suffix:
-        shipped = shipped_recipes()
-        if source not in shipped:
-            raise ConfigError("recipe", f"no file {source!r} and no shipped recipe of that name "
-                              f"(shipped: {', '.join(shipped)})")
-        tree = tomllib.loads(resources.files("mim_scale.configs").joinpath(f"finetune_{source}.toml").read_text())
-        tree.setdefault("name", source)
-        base_dir = None
-    else:
-        if not path.is_file():
-            raise ConfigError("recipe", f"file not found: {path}")
-        try:
-            tree = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("recipe", f"cannot parse {path}: {exc}") from exc
-        tree.setdefault("name", path.stem)
-        base_dir = path.parent
-    return resolve_extends(tree, base_dir, read_recipe_tree)
+    return _TREES.read(source)
 
 
 def preprocessing_from_meta(meta_pre: dict[str, Any] | None) -> dict[str, Any]:
@@ -176,9 +209,9 @@ def load_recipe(
     if from_model:
         tree["preprocessing"] = from_model
     if isinstance(source, dict):
-        tree = _merge(tree, source)
+        tree = _TREES.merge(tree, source)
     elif source:
-        tree = _merge(tree, read_recipe_tree(source))
+        tree = _TREES.merge(tree, read_recipe_tree(source))
     recipe = recipe_from_dict(apply_overrides(tree, overrides or []))
     pretrained = from_model.get("orientation")
     if pretrained and recipe.preprocessing.orientation != pretrained:
@@ -189,61 +222,21 @@ def load_recipe(
 
 
 def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
-    recipe = _build(Recipe, tree, "")
+    recipe = build_dataclass(Recipe, tree, "")
     validate_recipe(recipe)
     return recipe
 
 
-def _require(ok: bool, key: str, reason: str) -> None:
-    if not ok:
-        raise ConfigError(key, reason)
-
-
 def validate_recipe(r: Recipe) -> None:
-    p, a, t, n, e = r.preprocessing, r.augmentation, r.train, r.network, r.eval
-    _require(r.task in TASKS, "task", f"must be one of {', '.join(TASKS)}, got {r.task!r}")
+    """The task and class map here; every section's ranges in its own ``check``."""
+    choice(r.task, "task", TASKS)
     seen: dict[int, str] = {}
     for name, values in r.classes.items():
-        _require(name != "background", f"classes.{name}", "class 0 is the background; do not list it")
-        _require(len(values) >= 1, f"classes.{name}", "needs at least one source label value")
+        require(name != "background", f"classes.{name}", "class 0 is the background; do not list it")
+        require(len(values) >= 1, f"classes.{name}", "needs at least one source label value")
         for v in values:
-            _require(v > 0, f"classes.{name}", f"source label values must be > 0, got {v}")
-            _require(v not in seen, f"classes.{name}", f"label value {v} is already mapped to {seen.get(v)!r}")
+            require(v > 0, f"classes.{name}", f"source label values must be > 0, got {v}")
+            require(v not in seen, f"classes.{name}", f"label value {v} is already mapped to {seen.get(v)!r}")
             seen[v] = name
-    _require(len(p.orientation) == 3 and all(sum(c in pair for c in p.orientation) == 1 for pair in ("LR", "AP", "SI")),
-             "preprocessing.orientation", f"must be three axis codes, one of each L/R, A/P, S/I, such as SPL or RAS, "
-             f"got {p.orientation!r}")
-    _require(len(p.spacing) == 3 and all(s > 0 for s in p.spacing), "preprocessing.spacing",
-             f"needs three positive values (mm), got {list(p.spacing)}")
-    _require(p.hu_max > p.hu_min, "preprocessing.hu_max", "must be greater than preprocessing.hu_min")
-    _require(p.roi_size == () or (len(p.roi_size) == 3 and all(s > 0 for s in p.roi_size)),
-             "preprocessing.roi_size", f"needs three positive sizes, or [] for the encoder's view size, got {list(p.roi_size)}")
-    _require(0 <= a.pos_fraction <= 1, "augmentation.pos_fraction", "must be in [0, 1]")
-    for key in ("flip_prob", "rot90_prob", "intensity_prob"):
-        _require(0 <= getattr(a, key) <= 1, f"augmentation.{key}", "must be a probability in [0, 1]")
-    _require(0 <= a.intensity_scale < 1, "augmentation.intensity_scale", "must be in [0, 1)")
-    _require(a.intensity_shift >= 0, "augmentation.intensity_shift", "must be >= 0")
-    _require(t.steps >= 1, "train.steps", "must be >= 1")
-    _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
-    _require(t.lr > 0, "train.lr", "must be > 0")
-    _require(0 <= t.min_lr <= t.lr, "train.min_lr", "must be between 0 and train.lr")
-    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "needs two values in [0, 1)")
-    _require(0 < t.layer_decay <= 1, "train.layer_decay", "must be in (0, 1] (1 disables layer-wise decay)")
-    _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
-    _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
-    _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
-    _require(t.val_every >= 0, "train.val_every", "must be >= 0")
-    _require(t.threads >= 0, "train.threads", "must be >= 0")
-    _require(t.device in ("auto", "cpu", "cuda") or (t.device.startswith("cuda:") and t.device[5:].isdigit()),
-             "train.device", f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")
-    _require(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
-    _require(n.feature_size >= 0, "network.feature_size", "must be >= 0 (0 = the encoder's first width)")
-    _require(n.norm in ("instance", "batch"), "network.norm", f"must be instance or batch, got {n.norm!r}")
-    _require(0 <= n.dropout < 1, "network.dropout", "must be in [0, 1)")
-    _require(n.pooling in ("avg", "max"), "network.pooling", f"must be avg or max, got {n.pooling!r}")
-    _require(0 <= e.sw_overlap < 1, "eval.sw_overlap", "must be in [0, 1)")
-    _require(e.sw_batch_size >= 1, "eval.sw_batch_size", "must be >= 1")
-    _require(e.sw_mode in ("gaussian", "constant"), "eval.sw_mode", f"must be gaussian or constant, got {e.sw_mode!r}")
+    for section in (r.preprocessing, r.augmentation, r.train, r.network, r.eval):
+        section.check()
