@@ -41,8 +41,9 @@ def phantom_crops(batch: int, size: int, device) -> torch.Tensor:
 
 
 def peak_flops() -> float:
-    name = torch.cuda.get_device_name()
-    return 989e12 if ("H100" in name or "H200" in name) else 0.0  # dense bf16 (datasheet)
+    from mim_scale.metrics import device_peak_flops
+
+    return device_peak_flops("bf16") or 0.0  # dense bf16, the one table (mim_scale/metrics/mfu.py)
 
 
 def time_plain(size: str, steps: int, batch: int) -> dict:

@@ -32,6 +32,7 @@ from mim_scale.engine.collectives import agree_max, sum_over_ranks
 from mim_scale.rundir import (ATTEMPTS_FILE, CHECKPOINTS_DIR, HISTORY_FILE, RECIPE_FILE, STOP_FILE, RunFiles,
                               targets_file)
 from mim_scale.fileutil import read_jsonl
+from mim_scale.metrics.mfu import compute_mfu, run_peak_flops
 from mim_scale.engine.deepspeed_engine import build_engine, init_distributed
 from mim_scale.engine.sync_bn import convert_sync_batchnorm
 from mim_scale.tensorboard import open_board
@@ -201,6 +202,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
                          batches_consumed=state.batches_consumed_per_rank, seed=state.stream_seed)
     batches = iter(loader)
     flops = flops_per_sample(cfg)
+    peak_flops = run_peak_flops(cfg.metrics.device_peak_flops, cfg.train.precision, device)
     stop = _StopFlags()
     clock = StepClock()
     last_save_time = time.monotonic()
@@ -277,8 +279,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
             or agreed[0] > 0 or agreed[1] > 0 or state.step == cfg.train.steps
         grad_norm = engine.get_global_grad_norm()
         lr = scheduler.get_last_lr()[0] if scheduler is not None else 0.0
-        peak = _peak_flops(cfg, device)
-        mfu = (flops * cfg.train.micro_batch * cfg.train.grad_accum) / (step_seconds * peak) if peak else None
+        mfu = compute_mfu(flops, cfg.train.micro_batch * cfg.train.grad_accum, step_seconds, peak_flops)
         result = {"step": state.step, "samples_seen": state.samples_seen, "crops_seen": state.samples_seen,
                   "volumes_seen": state.volumes_seen, "views_seen": state.views_seen, "tokens_seen": state.tokens_seen,
                   "crops_per_step": recipe.crops_per_step, "lr": lr, "step_seconds": step_seconds,
@@ -397,18 +398,6 @@ def _to_float(x) -> float | None:
     if x is None:
         return None
     return float(x.item() if torch.is_tensor(x) else x)
-
-
-def _peak_flops(cfg: Config, device: torch.device) -> float:
-    if cfg.metrics.device_peak_flops > 0:
-        return cfg.metrics.device_peak_flops
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16
-        for key, value in table.items():
-            if key in name:
-                return value
-    return 0.0
 
 
 def _start_metrics(cfg: Config, files: RunFiles, run: str, rank: int, restarts: int):

@@ -18,7 +18,6 @@ from mim_scale.metrics import (
     port_for_rank,
     serve_registry,
     target_for,
-    targets_path,
 )
 
 GOOD = {"rec_l1": 1.0, "rec_l2": 1.0, "rec_l3": 1.0, "align_12": 0.1, "align_23": 0.1, "total": 3.2}
@@ -189,7 +188,6 @@ def test_mfu_helpers_and_config():
     assert m.rank == 1 and m.port is None
     assert m.addr == "127.0.0.1"  # metrics.addr "auto" without a Ray node: loopback
     assert TrainMetrics.from_config(cfg.metrics, "r", 1, node_ip="10.0.0.7", serve=False).addr == "10.0.0.7"
-    assert targets_path(cfg.metrics, "/runs/x").as_posix() == "/runs/x/prometheus_targets/*.json"
 
 
 def test_validation_losses_per_level():
@@ -202,3 +200,16 @@ def test_validation_losses_per_level():
     assert m.sample("mim_validation_step") == 40
     m.record_validation(50, {"val_rec_l1": 0.5}, source="held-out")
     assert m.sample("mim_validation_loss", level="1", set="held-out") == pytest.approx(0.5)
+
+
+def test_run_peak_flops_prefers_the_configured_figure_then_the_one_table():
+    import torch
+
+    from mim_scale.metrics import run_peak_flops
+
+    assert run_peak_flops(123e12, "bf16", torch.device("cpu")) == 123e12  # metrics.device_peak_flops wins
+    assert run_peak_flops(0.0, "bf16", torch.device("cpu")) is None  # CPU: no MFU unless configured
+    # the loop reports MFU through this and compute_mfu only (no second peak table anywhere)
+    import mim_scale.engine.loop as loop
+
+    assert "989" not in open(loop.__file__).read()

@@ -1,4 +1,4 @@
-"""Prometheus metrics for training workers, plus the small helpers the launcher and builder share.
+"""Prometheus metrics of one training worker (:class:`TrainMetrics`) and the channel its DataLoader workers report through.
 
 Every training worker owns one :class:`TrainMetrics`: its own ``CollectorRegistry`` (so several can live
 in one process, as in tests) served on its own ``/metrics`` HTTP endpoint. The launcher writes the
@@ -67,26 +67,19 @@ channel is an ``multiprocessing`` queue that :meth:`TrainMetrics.record_step` dr
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import multiprocessing
-import os
 import queue
 import re
 import resource
-import socket
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import start_wsgi_server
+
+from mim_scale.metrics.serve import port_for_rank, resolve_addr, serve_registry, target_for
 
 log = logging.getLogger(__name__)
 
@@ -98,196 +91,6 @@ TOTAL_LOSS_KEY = "total"
 # Step times range from ~50 ms (tiny CPU runs) to minutes (huge model, many accumulation steps).
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, float("inf"))
 CHECKPOINT_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, float("inf"))
-
-_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_TARGET = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
-
-
-# --------------------------------------------------------------------------------------------------
-# Serving a registry (shared with the shard builder's metrics)
-
-
-@dataclass
-class MetricsServer:
-    """A running ``/metrics`` endpoint; :meth:`close` stops it and frees the port."""
-
-    httpd: WSGIServer
-    thread: threading.Thread
-    addr: str
-
-    @property
-    def port(self) -> int:
-        return int(self.httpd.server_port)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5.0)
-
-
-def serve_registry(registry: CollectorRegistry, addr: str = "127.0.0.1", port: int = 0) -> tuple[MetricsServer, int]:
-    """Serve ``registry`` on ``http://addr:port/metrics`` from a daemon thread.
-
-    ``port=0`` binds an ephemeral port; the bound one is returned. Raises ``OSError`` naming the
-    address when the port is taken.
-    """
-    if not 0 <= int(port) <= 65535:
-        raise ValueError(f"metrics port must be in 0..65535, got {port}")
-    try:
-        httpd, thread = start_wsgi_server(int(port), addr=addr, registry=registry)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from exc
-    server = MetricsServer(httpd=httpd, thread=thread, addr=addr)
-    return server, server.port
-
-
-def port_for_rank(base_port: int, rank: int) -> int:
-    """``MetricsConfig.port`` semantics: worker ``rank`` listens on ``base_port + rank``; 0 stays ephemeral."""
-    if base_port == 0:
-        return 0
-    port = base_port + rank
-    if not 0 < port <= 65535:
-        raise ValueError(f"metrics port {base_port} + rank {rank} = {port} is outside 1..65535")
-    return port
-
-
-def resolve_addr(addr: str, node_ip: str | None = None) -> str:
-    """The address a worker's /metrics binds: ``metrics.addr`` as given, except ``"auto"`` (the default): the
-    worker's Ray node IP when it runs on a Ray cluster it joined (``node_ip``), else loopback (a one-machine
-    local cluster, or a run without Ray), so nothing listens beyond this machine unless the nodes must reach it."""
-    if addr == "auto":
-        return node_ip or "127.0.0.1"
-    return addr
-
-
-def target_for(addr: str, port: int) -> str:
-    """``host:port`` that other machines use to scrape a server bound to ``addr``."""
-    host = addr
-    if addr in ("", "0.0.0.0", "::"):
-        host = socket.gethostname()
-    elif ":" in addr and not addr.startswith("["):
-        host = f"[{addr}]"
-    return f"{host}:{port}"
-
-
-def targets_path(metrics_cfg, run_dir: str | os.PathLike) -> Path:
-    """The file_sd pattern of a run's targets, one file per rank (:mod:`mim_scale.rundir`):
-    ``RUN_DIR/prometheus_targets/*.json``, or ``*.json`` in the ``metrics.targets_file`` folder when set."""
-    from mim_scale.rundir import targets_glob
-
-    return Path(metrics_cfg.targets_file) / "*.json" if metrics_cfg.targets_file else targets_glob(run_dir)
-
-
-# --------------------------------------------------------------------------------------------------
-# MFU
-
-# Dense (no sparsity) tensor-core peaks per device, FLOP/s: (bf16/fp16, tf32). Matched in order
-# against torch.cuda.get_device_name(); the more specific names come first.
-PEAK_FLOPS = (
-    ("H100 PCIe", 756e12, 378e12),
-    ("H100 NVL", 835e12, 418e12),
-    ("H100", 989.4e12, 494.7e12),  # SXM / HBM3
-    ("H200", 989.4e12, 494.7e12),
-    ("GH200", 989.4e12, 494.7e12),
-    ("A100", 312e12, 156e12),
-    ("L40S", 362e12, 183e12),
-    ("A10G", 70e12, 35e12),
-    ("L4", 121e12, 60e12),
-)
-
-
-def device_peak_flops(precision: str = "bf16", device_name: str | None = None) -> float | None:
-    """Peak dense FLOP/s of the current CUDA device for ``precision`` ("bf16", "fp16", "fp32" = TF32).
-
-    ``None`` when unknown (CPU, an unlisted GPU): then MFU is not reported unless
-    ``metrics.device_peak_flops`` is configured.
-    """
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"precision must be bf16, fp16 or fp32, got {precision!r}")
-    if device_name is None:
-        torch = sys.modules.get("torch")
-        if torch is None or not torch.cuda.is_available():
-            return None
-        device_name = torch.cuda.get_device_name()
-    for key, half, tf32 in PEAK_FLOPS:
-        if key in device_name:
-            return tf32 if precision == "fp32" else half
-    return None
-
-
-def compute_mfu(flops_per_sample: float, samples: int, step_seconds: float, peak_flops: float | None) -> float | None:
-    """MFU of one rank: ``flops_per_sample * samples / step_seconds / peak_flops`` (``None`` if no peak).
-
-    samples: crops this rank trained on in the step (micro_batch * grad_accum); flops_per_sample:
-    training FLOPs per crop (``mim_scale.model.flops_per_sample``).
-    """
-    if not peak_flops or step_seconds <= 0:
-        return None
-    return float(flops_per_sample) * samples / step_seconds / float(peak_flops)
-
-
-# --------------------------------------------------------------------------------------------------
-# file_sd
-
-
-def write_file_sd(path: str | os.PathLike, targets: Iterable[str], labels: Mapping[str, str] | None = None) -> Path:
-    """Atomically write a Prometheus ``file_sd`` JSON file with one target group.
-
-    targets: ``"host:port"`` strings; labels: extra target labels (e.g. ``{"run": "r1"}``).
-    """
-    return write_file_sd_groups(path, [{"targets": list(targets), "labels": dict(labels or {})}])
-
-
-def write_file_sd_groups(path: str | os.PathLike, groups: Iterable[Mapping]) -> Path:
-    """Atomically write several ``{"targets": [...], "labels": {...}}`` groups to ``path``.
-
-    Prometheus re-reads the file on change; writing a temporary file in the same folder and renaming it
-    over ``path`` means it never reads a half-written file.
-    """
-    path = Path(path)
-    text = file_sd_text(groups, where=str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def file_sd_text(groups: Iterable[Mapping], where: str = "file_sd") -> str:
-    """The JSON text of a file_sd file holding ``groups`` (checked: host:port targets, valid label names); what
-    a worker sends to the driver's run folder (:mod:`mim_scale.rundir`)."""
-    path = where
-    doc = []
-    for i, group in enumerate(groups):
-        targets = [str(t) for t in group.get("targets", [])]
-        for t in targets:
-            if not _TARGET.match(t) or not 0 < int(t.rsplit(":", 1)[1]) <= 65535:
-                raise ValueError(f"{path}: group {i}: target {t!r} is not host:port")
-        labels = {str(k): str(v) for k, v in dict(group.get("labels", {})).items()}
-        for k in labels:
-            if not _LABEL_NAME.match(k) or k.startswith("__"):
-                raise ValueError(f"{path}: group {i}: {k!r} is not a valid target label name")
-        doc.append({"targets": targets, "labels": labels})
-    return json.dumps(doc, indent=2) + "\n"
-
-
-def read_file_sd(path: str | os.PathLike) -> list[dict]:
-    """Read a ``file_sd`` JSON file; raises ``ValueError`` naming the file when it is malformed."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(doc, list) or not all(isinstance(g, dict) and "targets" in g for g in doc):
-        raise ValueError(f"{path}: a file_sd file is a JSON list of {{'targets': [...], 'labels': {{...}}}}")
-    return doc
 
 
 # --------------------------------------------------------------------------------------------------
