@@ -7,7 +7,9 @@ object store) holds what Ray Train persists and what the launcher and the worker
     lease.json                     the live launch's lease                           (launcher.lease)
     STOP                           a stop request (``mim-scale stop``)               (STOP_FILE)
     checkpoint_manager_snapshot.json  Ray's list of committed checkpoints           (SNAPSHOT_FILE)
-    checkpoints/step_*             checkpoints of a run without Ray                  (CHECKPOINTS_DIR)
+    checkpoints/step_*             checkpoints of a run without Ray                  (checkpoint_name)
+    checkpoints/step_*.tmp         a save in progress (removed at the next start)    (checkpoint_scratch_name)
+    .fault-fired-*                 a failure drill that already fired                (fault_marker)
     recipe.json                    the batch, lr and schedule the run trains with    (RECIPE_FILE)
     attempts                       how many times the workers started                (ATTEMPTS_FILE)
     history.jsonl                  one line per logged step (rank 0)                 (HISTORY_FILE)
@@ -40,12 +42,28 @@ WORKERS_DIR = "workers"
 TARGETS_DIR = "prometheus_targets"
 MONITOR_DIR = "monitor"
 PICTURES_DIR = "pictures"
+SCRATCH_SUFFIX = ".tmp"
 REHEARSAL_SUFFIX = "-rehearsal"  # `pretrain --rehearse` runs in STORAGE/NAME-rehearsal-<UTC time>
 
 # what a worker may write into the driver's run folder (first path part)
 WORKER_WRITABLE = (RECIPE_FILE, ATTEMPTS_FILE, HISTORY_FILE, WORKERS_DIR, TARGETS_DIR, PICTURES_DIR)
 _RANK_FILE = re.compile(r"^rank-(\d{1,6})\.json$")
 _PART = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-]{0,127}$")
+
+
+def checkpoint_name(step: int) -> str:
+    """``checkpoints/step_000000042``: the committed checkpoint of optimizer step ``step`` (runs without Ray)."""
+    return f"{CHECKPOINTS_DIR}/step_{int(step):09d}"
+
+
+def checkpoint_scratch_name(step: int) -> str:
+    """``checkpoints/step_000000042.tmp``: where the ranks write a save before rank 0 commits it."""
+    return checkpoint_name(step) + SCRATCH_SUFFIX
+
+
+def fault_marker(action: str, rank: int, step: int) -> str:
+    """``.fault-fired-ACTION-RANK-STEP``: a failure drill fires once per run, also across restarts."""
+    return f".fault-fired-{action}-{int(rank)}-{int(step)}"
 
 
 def worker_record(rank: int) -> str:
