@@ -149,7 +149,7 @@ step profile 120 $PY gpu/profile_check.py --shards "$SHARDS" --batches 1,2,4,8 -
 step depthwise 40 $PY gpu/depthwise_check.py --json "$OUT/depthwise.json"
 # (c) every kernel's parity on CUDA (the masked depthwise conv included), then its speed vs eager and compile
 step ops_parity 60 $PY -m mim_scale.ops.parity --device cuda --big ${CT_ARGS[@]+"${CT_ARGS[@]}"}
-step ops_bench 110 $PY -m mim_scale.ops.bench --budget-s 70 --json "$OUT/ops_bench.json"
+step ops_bench 110 $PY benchmarks/ops_kernels.py --budget-s 70 --json "$OUT/ops_bench.json"
 # (d) peak memory: large under ZeRO-3, huge under ZeRO-3 + CPU optimizer offload (one process each)
 step memory_large 60 $PY gpu/engine_check.py --only large --steps 2 --append --json "$OUT/engine.json"
 step memory_huge 90 $PY gpu/engine_check.py --only huge --steps 1 --append --json "$OUT/engine.json"

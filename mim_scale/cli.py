@@ -25,7 +25,6 @@ _STAGES = (
     "mim_scale.finetune.cli",
     "mim_scale.monitor",
     "mim_scale.doctor",
-    "mim_scale.bench",
 )
 
 

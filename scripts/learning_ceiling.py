@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from mim_scale.config import load_config
-from mim_scale.model.compare import crop_stream
+from mim_scale.model.plain_train import crop_stream
 from mim_scale.model.validation import build_validation_set, load_ct_hu
 from mim_scale.model.views import LevelViews, make_views
 from mim_scale.ops.reference import norm_pix_target, patchify

@@ -1,4 +1,4 @@
-"""``mim-scale shards build | verify | inspect | synth | bench``."""
+"""``mim-scale shards build | verify | inspect | synth`` (the build benchmark is ``benchmarks/shard_build.py``)."""
 
 from __future__ import annotations
 
@@ -68,13 +68,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--spacing", default="1.0,1.0,2.0", help="sx,sy,sz mm")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_synth)
-
-    bench = sub.add_parser("bench", help="build throughput, peak worker memory, bytes per voxel vs raw int16")
-    bench.add_argument("inputs", nargs="*", metavar="INPUT", help="inputs (default: the sample CT)")
-    bench.add_argument("--repeat", type=int, default=3, help="build the inputs this many times as copies")
-    bench.add_argument("--workers", type=int, default=0)
-    bench.add_argument("--work-dir", type=Path, default=None)
-    bench.set_defaults(func=_bench)
 
 
 def _size(text: str) -> int:
@@ -162,13 +155,6 @@ def _synth(args: argparse.Namespace) -> int:
     spacing = _triple(args.spacing, float)
     paths = write_collection(args.out, args.n, args.format, shape=shape, spacing=spacing, seed=args.seed)
     print(f"wrote {len(paths)} synthetic phantom(s) ({args.format}) under {args.out}")
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from mim_scale.shards.bench import run_bench
-
-    print(run_bench(args.inputs, repeat=args.repeat, workers=args.workers, work_dir=args.work_dir))
     return 0
 
 

@@ -14,7 +14,7 @@ protocol_sample_ct.toml`` is the shipped example):
   the analytic count (:func:`mim_scale.model.flops.flops_per_sample`); each arm gets as many steps of
   ``batch`` crops as the budget buys. Pre-training crops come from the ``pretrain`` volumes reoriented and
   resampled to the fine-tuning recipe's grid, in its HU window (so the encoder sees what it will be
-  fine-tuned on); the loop is :func:`mim_scale.model.compare.train` (single process, AdamW).
+  fine-tuned on); the loop is :func:`mim_scale.model.plain_train.train` (single process, AdamW).
   ``per_seed = false`` pre-trains each arm once (the first seed) and fine-tunes it with every seed (cheaper;
   the report then says the spread covers fine-tuning only).
 - ``[finetune]``: ``recipe`` (+ ``set``), resolved once and used for every arm and seed (only
@@ -323,7 +323,7 @@ def _pretrain_unit(spec: ProtocolSpec, arm: str, seed: int, rec, vols: dict[str,
                    unit: Path, log) -> dict[str, Any]:
     import torch
 
-    from mim_scale.model.compare import crop_stream, train
+    from mim_scale.model.plain_train import crop_stream, train
     from mim_scale.model.mim import build_model
 
     cfg = _pretrain_config(spec, arm, rec)

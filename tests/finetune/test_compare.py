@@ -17,7 +17,7 @@ from mim_scale.cli import main
 from mim_scale.config import load_config
 from mim_scale.errors import UserFacingError
 from mim_scale.finetune.build import resolve_init
-from mim_scale.model.compare import crop_stream, train
+from mim_scale.model.plain_train import crop_stream, train
 from mim_scale.model.mim import build_model
 from mim_scale.model.validation import load_ct_hu
 

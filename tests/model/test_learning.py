@@ -12,7 +12,7 @@ import torch
 
 from mim_scale.config import load_config
 from mim_scale.model import build_model
-from mim_scale.model.compare import crop_stream, train
+from mim_scale.model.plain_train import crop_stream, train
 from mim_scale.model.ops import norm_pix_target
 from mim_scale.model.validation import build_validation_set, load_ct_hu, validation_losses
 from mim_scale.model.views import make_views

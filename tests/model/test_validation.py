@@ -1,8 +1,6 @@
-"""The fixed validation set, per-level validation losses and the MiM-vs-MAE harness."""
+"""The fixed validation set and per-level validation losses (the MiM-vs-MAE harness: tests/benchmarks)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -10,8 +8,7 @@ import torch
 
 from mim_scale.config import load_config
 from mim_scale.errors import UserFacingError
-from mim_scale.model import build_model, flops_per_sample
-from mim_scale.model.compare import compare_mim_mae, main as compare_main
+from mim_scale.model import build_model
 from mim_scale.model.validation import (ValidationSet, build_validation_set, load_ct_hu, mae_task_loss, random_crops,
                                         select_draw, validation_losses, validation_set_from_crops)
 from mim_scale.model.views import make_views
@@ -81,39 +78,6 @@ def test_bad_validation_files_are_named(volume, tmp_path):
         ValidationSet.load(path, load_config("tiny", ["masking.level2_ratio=0.5"]))
     with pytest.raises(UserFacingError, match="no such CT file"):
         load_ct_hu(tmp_path / "nope.nii.gz")
-
-
-def test_compare_harness_spends_equal_flops(volume, tmp_path):
-    cfg = load_config("tiny")
-    logs = []
-    report = compare_mim_mae(cfg, [volume], mim_steps=2, batch=1, val_crops=2, seed=0, log=logs.append)
-    mim, mae = report["mim"], report["mae"]
-    assert mim["steps"] == 2
-    per_mae_step = flops_per_sample(cfg.replace({"masking.levels": 1}))
-    assert abs(mae["flops"] - mim["flops"]) <= per_mae_step  # equal budget, to within one MAE step
-    assert mae["steps"] > 10 * mim["steps"]  # a MiM sample is ~20 views
-    for entry in (mim, mae):
-        assert np.isfinite(entry["mae_task_val_loss"])
-        assert entry["mae_task_val_loss"] != entry["mae_task_val_loss_before"]  # training moved it
-    assert "val_rec_l3" in mim and "val_rec_l1" not in mae
-    assert report["mim_minus_mae"] == pytest.approx(mim["mae_task_val_loss"] - mae["mae_task_val_loss"])
-    assert len(logs) == 3
-    with pytest.raises(UserFacingError, match="already plain MAE"):
-        compare_mim_mae(load_config("tiny", ["masking.levels=1"]), [volume], mim_steps=1)
-
-
-def test_compare_command_line(ct_dir, tmp_path, capsys):
-    out = tmp_path / "report.json"
-    rc = compare_main(["--config", "tiny", "--ct", str(ct_dir / "abdomen_pelvis_ct.nii.gz"), "--mim-steps", "1",
-                       "--batch", "1", "--val-crops", "1", "--save-valset", str(tmp_path / "v.safetensors"),
-                       "--out", str(out)])
-    assert rc == 0
-    report = json.loads(out.read_text())
-    assert report["mim"]["steps"] == 1 and report["mae"]["steps"] >= 1
-    assert (tmp_path / "v.safetensors").is_file()
-    rc = compare_main(["--config", "tiny", "--ct", str(tmp_path / "missing.nii.gz")])
-    assert rc == 2
-    assert "missing.nii.gz" in capsys.readouterr().err
 
 
 def test_validation_set_from_stream_crops(volume):

@@ -261,15 +261,6 @@ def test_build_config_is_validated():
         BuildConfig(codec="zip")
 
 
-def test_bench_prints_the_three_figures(tmp_path):
-    from mim_scale.shards.bench import run_bench
-
-    inp = _nifti_set(tmp_path / "in", 2, shape=(16, 48, 48))
-    text = run_bench([str(inp)], repeat=1, workers=0, work_dir=tmp_path)
-    assert "volumes/min/core" in text and "peak worker memory" in text and "bytes/voxel" in text
-    assert "npy.gz level 1" in text and not list(tmp_path.glob("shards-bench-*"))
-
-
 def test_a_second_build_into_the_same_folder_is_refused_while_one_runs(tmp_path):
     import fcntl
 
@@ -316,4 +307,4 @@ def test_the_project_cli_lists_the_shards_subcommands(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["shards", "--help"])
     out = capsys.readouterr().out
-    assert all(cmd in out for cmd in ("build", "verify", "inspect", "synth", "bench"))
+    assert all(cmd in out for cmd in ("build", "verify", "inspect", "synth"))

@@ -1,7 +1,7 @@
 """Launcher benchmark: Ray start, launch to first step, and restart after a worker is SIGKILLed.
 
-    python -m mim_scale.launcher.bench                      # tiny MiM on the sample CT, 2 CPU workers
-    python -m mim_scale.launcher.bench --workers 1 --use-gpu --config base --shards /data/shards
+    python benchmarks/launcher_restart.py                      # tiny MiM on the sample CT, 2 CPU workers
+    python benchmarks/launcher_restart.py --workers 1 --use-gpu --config base --shards /data/shards
 
 One run, timed from the driver: ``ray.init`` of a local cluster; ``pretrain`` with a ``kill:1:K`` drill.
 A thread watches the run's ``history.jsonl`` (rank 0 appends a line per step) and stamps each line as it
@@ -96,7 +96,7 @@ def run_bench(*, config: str, shards: Path, workers: int, use_gpu: bool, steps: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mim_scale.launcher.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python benchmarks/launcher_restart.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny")
     p.add_argument("--shards", type=Path, default=None, help="manifest.json (default: build from the sample CT)")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mim_scale import ops
-from mim_scale.ops import bench
+from benchmarks import ops_kernels as bench
 
 pytestmark = pytest.mark.skipif(not ops.triton_available(), reason="the benchmark needs triton")
 

@@ -1,4 +1,4 @@
-"""``python -m mim_scale.shards.membench``: peak resident memory of the shard builder on inputs just under the
+"""``python benchmarks/shard_memory.py``: peak resident memory of the shard builder on inputs just under the
 memory caps and on the bomb corpus, each against the baseline of the same process before it builds.
 
 Each case runs in a fresh process that imports the builder and its readers, notes its resident memory (the
@@ -75,7 +75,7 @@ def _child(args: dict) -> dict:
 def _run_case(input_path: str, worker_memory_bytes: int, work: Path) -> dict:
     out = Path(tempfile.mkdtemp(prefix="out-", dir=work))
     arg = json.dumps({"input": input_path, "out": str(out / "shards"), "worker_memory_bytes": worker_memory_bytes})
-    proc = subprocess.run([sys.executable, "-m", "mim_scale.shards.membench", "--child", arg],
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", arg],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"outcome": f"FAILED rc={proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}", "baseline": 0,
@@ -163,7 +163,7 @@ def run(work_dir: Path | None = None, copies: int = 10, margin: float = 1.02) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mim_scale.shards.membench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/shard_memory.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--copies", type=int, default=10, help="times the real series is stacked for the large case")
     parser.add_argument("--work-dir", type=Path, default=None)

@@ -1,6 +1,6 @@
 """The view-placement measurement runs and counts the views and bytes of a MiM sample right."""
 
-from mim_scale.engine.view_placement import measure
+from benchmarks.view_placement import measure
 
 
 def test_view_placement_measures_tiny():

@@ -1,7 +1,7 @@
 """Benchmark: each fused kernel against eager torch and torch.compile, and the MiM step with and without them.
 
-    python -m mim_scale.ops.bench [--json FILE] [--config base] [--budget-s 160]   # on one GPU, < 3 minutes
-    python -m mim_scale.ops.bench --dry-run                                         # CPU, tiny: checks wiring
+    python benchmarks/ops_kernels.py [--json FILE] [--config base] [--budget-s 160]   # on one GPU, < 3 minutes
+    python benchmarks/ops_kernels.py --dry-run                                         # CPU, tiny: checks wiring
 
 Per kernel and direction (forward, forward+backward) it prints the median time of the Triton kernel, of the
 eager reference (:mod:`mim_scale.ops.reference`) and of ``torch.compile`` of that reference, the speed-ups, and
@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from . import reference as R
+from mim_scale.ops import reference as R
 
 # Peak HBM bandwidth, bytes/s, by device-name fragment (first match wins; more specific names first).
 PEAK_BANDWIDTH = (
@@ -135,7 +135,7 @@ def _grad_call(fn: Callable, leaf: torch.Tensor, *args) -> Callable[[], object]:
 def build_benches(dev: torch.device, z: Sizes, use_triton: bool) -> list[Bench]:
     from types import SimpleNamespace
 
-    from . import OP_MODULES
+    from mim_scale.ops import OP_MODULES
     T = SimpleNamespace(**{name: module.fused for name, module in OP_MODULES.items()})
     g = torch.Generator(device="cpu").manual_seed(0)
     bf16 = torch.bfloat16
@@ -262,7 +262,7 @@ def _grad_call_all(fn: Callable, leaves: tuple[torch.Tensor, ...], *args) -> Cal
 
 def auto_decisions(records: list[dict], device_name: str) -> list[str]:
     """What :func:`mim_scale.ops.auto.wins` decides from this run's figures, beside what the table says now."""
-    from . import auto
+    from mim_scale.ops import auto
 
     lines = []
     for op, direction in auto.MODEL_PASS.items():
@@ -401,7 +401,7 @@ def run_end_to_end(dev: torch.device, config: str, batch: int, timer: Timer, dry
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mim_scale.ops.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/ops_kernels.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, one iteration: check the wiring")
     ap.add_argument("--json", default=None, help="write all figures to this file")
     ap.add_argument("--config", default=None, help="model preset for the end-to-end step (default: base; tiny "

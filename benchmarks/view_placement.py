@@ -1,7 +1,7 @@
 """Where to build the MiM level views: in the DataLoader workers or on the training device? Measured.
 
-    python -m mim_scale.engine.view_placement --config tiny --batch 2
-    python -m mim_scale.engine.view_placement --config base --batch 1 --steps 1
+    python benchmarks/view_placement.py --config tiny --batch 2
+    python benchmarks/view_placement.py --config base --batch 1 --steps 1
 
 Building views in the loader would move this work off the device but multiply what crosses the
 host-to-device link: one crop of (2V)^3 voxels becomes 1 + 4 + 16 views of V^3 (21 / 8 = 2.6x the bytes).

@@ -7,7 +7,7 @@ default 1.5 mm, ``--repeat`` times. Printed per format: file MiB per volume, rea
 (reader + canonical orientation only), full-build volumes/min/core by wall clock and per CPU-minute of
 this process (medians of the repeats), each with its ratio to NIfTI (.nii.gz, the baseline). Also the DICOM original itself, read alone. ~1-2 min::
 
-    .venv/bin/python scripts/bench_formats.py --ct ../shared/data/ct
+    .venv/bin/python benchmarks/shard_formats.py --ct ../shared/data/ct
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""``mim-scale shards bench``: build throughput, peak worker memory, and shard bytes per voxel per codec.
+"""Shard build: throughput, peak worker memory, and shard bytes per voxel per codec.
+
+    OMP_NUM_THREADS=1 python benchmarks/shard_build.py                          # the sample CT, in-process, 1 core
+    OMP_NUM_THREADS=1 python benchmarks/shard_build.py /data/ct --workers 4      # your inputs, 4 Ray workers
 
 Figures printed, each against its baseline measured in the same run:
 * volumes per minute per core of a full build (discovery, decode, resample, encode, write);
@@ -8,8 +11,10 @@ Figures printed, each against its baseline measured in the same run:
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -89,3 +94,18 @@ def run_bench(inputs: list[str] | None = None, repeat: int = 3, workers: int = 0
 
             ray.shutdown()
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/shard_build.py", description=__doc__.split("\n")[0])
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="inputs (default: the sample CT)")
+    p.add_argument("--repeat", type=int, default=3, help="build the inputs this many times as copies")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--work-dir", type=Path, default=None)
+    args = p.parse_args(argv)
+    print(run_bench(args.inputs, repeat=args.repeat, workers=args.workers, work_dir=args.work_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,10 +4,10 @@ A step is forward + backward + AdamW on ``--batch`` crops of the config's crop s
 ``base``: 21 masked 96^3 views per crop). Each measured variant runs in its own subprocess, so
 its peak RSS (``ru_maxrss``) is its own; on CUDA the peak allocated device memory is reported too.
 
-    python -m mim_scale.model.bench --size base --precision bf16
-    python -m mim_scale.model.bench --size base --precision fp32 --checkpointing on   # the README's figures
-    python -m mim_scale.model.bench --size tiny --compare-batching       # bucket / pad / level side by side
-    python -m mim_scale.model.bench --size large --analytic              # parameter + activation memory only
+    python benchmarks/model_step.py --size base --precision bf16
+    python benchmarks/model_step.py --size base --precision fp32 --checkpointing on   # the README's figures
+    python benchmarks/model_step.py --size tiny --compare-batching       # bucket / pad / level side by side
+    python benchmarks/model_step.py --size large --analytic              # parameter + activation memory only
 
 The reference figures (the published code's ``base`` step on a 2-core CPU machine, one crop)
 are printed beside ours with the ratio: 69.4 s / 21.6 GiB fp32, 48.4 s / 12.1 GiB bf16 autocast.
@@ -27,6 +27,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -93,7 +94,7 @@ def measure(size: str, precision: str, batching: str, steps: int, warmup: int, b
 
 
 def _run_child(args: argparse.Namespace, batching: str, overrides: list[str], conv: str) -> dict:
-    cmd = [sys.executable, "-m", "mim_scale.model.bench", "--child", "--size", args.size, "--precision", args.precision,
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--size", args.size, "--precision", args.precision,
            "--batching", batching, "--conv", conv, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--device", args.device]
     for o in overrides:
@@ -123,7 +124,7 @@ def _report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mim_scale.model.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/model_step.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="base", help="shipped config name or file")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     ap.add_argument("--batching", choices=TOKEN_BATCHING, default="bucket")

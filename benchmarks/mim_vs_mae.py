@@ -9,7 +9,7 @@ model also on its own per-level validation losses.
 
 CPU example (tiny, real CT, a few minutes)::
 
-    python -m mim_scale.model.compare --config tiny --ct ../shared/data/ct/abdomen_pelvis_ct.nii.gz \\
+    python benchmarks/mim_vs_mae.py --config tiny --ct ../shared/data/ct/abdomen_pelvis_ct.nii.gz \\
         --mim-steps 50 --out compare.json
 """
 
@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,46 +28,10 @@ import torch
 from mim_scale.config import Config, load_config
 from mim_scale.errors import UserFacingError
 from mim_scale.model.flops import flops_per_sample
-from mim_scale.model.mim import MiMModel, build_model
-from mim_scale.model.optim import param_groups
-from mim_scale.model.validation import (ValidationSet, build_validation_set, load_ct_hu, mae_task_loss, random_crops,
+from mim_scale.model.mim import build_model
+from mim_scale.model.plain_train import crop_stream, train
+from mim_scale.model.validation import (ValidationSet, build_validation_set, load_ct_hu, mae_task_loss,
                                         validation_losses)
-
-
-def crop_stream(volumes_hu: list[np.ndarray], cfg: Config, batch: int, seed: int) -> Iterator[torch.Tensor]:
-    """An endless stream of (batch, 1, S, S, S) random crops from the volumes, in turn."""
-    rng = np.random.default_rng(seed)
-    i = 0
-    while True:
-        yield torch.cat([random_crops(volumes_hu[(i + j) % len(volumes_hu)], cfg.data.crop_size, 1, rng,
-                                      cfg.data.hu_min, cfg.data.hu_max) for j in range(batch)])
-        i += batch
-
-
-def train(model: MiMModel, crops: Iterator[torch.Tensor], steps: int, *, lr: float, weight_decay: float = 0.05,
-          betas: tuple[float, float] = (0.9, 0.95), warmup: int = 10, grad_clip: float = 1.0, seed: int = 0,
-          on_step: Callable[[int, dict], None] | None = None) -> list[dict[str, float]]:
-    """A plain single-device AdamW loop (linear warm-up, constant after); returns per-step losses."""
-    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
-    gen = torch.Generator().manual_seed(seed)
-    history = []
-    model.train()
-    for step in range(steps):
-        out = model(next(crops), generator=gen, progress=step / max(1, steps - 1))
-        opt.zero_grad(set_to_none=True)
-        out["total"].backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        sched.step()
-        record = {k: float(v.detach()) for k, v in out.items()}
-        if not math.isfinite(record["total"]):
-            raise FloatingPointError(f"step {step}: total loss is {record['total']}")
-        history.append(record)
-        if on_step is not None:
-            on_step(step, record)
-    return history
 
 
 def compare_mim_mae(cfg: Config, volumes_hu: list[np.ndarray], *, mim_steps: int, batch: int = 2,
@@ -109,7 +72,7 @@ def compare_mim_mae(cfg: Config, volumes_hu: list[np.ndarray], *, mim_steps: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mim_scale.model.compare", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/mim_vs_mae.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="tiny", help="shipped config name or file (a MiM config)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--ct", action="append", required=True, help="NIfTI CT volume in HU (repeatable)")
