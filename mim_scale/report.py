@@ -60,6 +60,7 @@ def reconstruction_from_checkpoint(run_dir: Path, out_png: Path, crops: int = 2)
 
     from mim_scale.config import from_dict
     from mim_scale.data.stream import make_loader, manifest_shards
+    from mim_scale.data.window import hu_window
     from mim_scale.engine import checkpoint as ckpt
     from mim_scale.model import build_model
     from mim_scale.pictures import method_reconstruction, save_method_png
@@ -70,10 +71,11 @@ def reconstruction_from_checkpoint(run_dir: Path, out_png: Path, crops: int = 2)
     model = build_model(cfg)
     model.load_state_dict(ckpt.consolidated_state_dict(ckpt_dir), strict=True)
     model.eval()
-    loader = make_loader(cfg.data, manifest_shards(cfg.data), rank=0, world_size=1, batch_size=crops)
+    loader = make_loader(cfg.data, manifest_shards(cfg.data), rank=0, world_size=1, batch_size=crops, pin_memory=False)
     batch = next(iter(loader))
     with torch.no_grad():  # the chain of views with the most tissue, as the run's own pictures
-        picture = method_reconstruction(model, batch["crop"], seed=cfg.train.seed)
+        picture = method_reconstruction(model, hu_window(batch["crop"], cfg.data.hu_min, cfg.data.hu_max),
+                                        seed=cfg.train.seed)
     save_method_png(picture, out_png, title=f"{Path(run_dir).name} step {state.step}")
     return out_png
 

@@ -17,7 +17,15 @@ A corrupt sample or shard is skipped, logged with its shard name and counted (``
 metadata is the worker's running count), and the stream goes on. (A corrupt sample upsets exact resume
 only by the samples it would have produced.)
 
-Batch contract: ``crop``: float32 (1, S, S, S) in [0, 1] (HU window ``[hu_min, hu_max]``), ``meta``: dict.
+Batch contract. A sample of :class:`CropStream`: ``crop``: int16 (1, S, S, S) HU, air (``AIR_HU``) where
+the volume is smaller than the crop; ``meta``: dict. A batch of :func:`make_loader`: ``crop``: int16
+(B, 1, S, S, S) HU, ``meta``: list of B dicts. The HU window is *not* applied here: whoever moves a batch
+to its device applies :func:`mim_scale.data.window.hu_window` there (``data.hu_min``/``hu_max`` -> float32
+in [0, 1], bit-identical to the float32 window the loaders used to compute), so the loader workers, the
+pinned buffer and the host-to-device copy move 2 bytes a voxel instead of 4. A batch is cropped straight
+from the volume (an ``np.memmap`` of the shard for local ``.npy`` members) into its own buffer, allocated in
+shared memory in a loader worker: no copy between the memory map and the batch that reaches the main
+process (the pin-memory thread then copies it once into pinned memory on a CUDA machine).
 """
 
 from __future__ import annotations
@@ -225,20 +233,46 @@ def decode_volume(sample: dict[str, Any]) -> tuple[np.ndarray, dict]:
     return decode_sample(sample)
 
 
-def crop_window(volume: np.ndarray, size: int, offsets: tuple[float, float, float],
-                hu_min: float, hu_max: float) -> torch.Tensor:
+def crop_box(shape: tuple[int, ...], size: int,
+             offsets: tuple[float, float, float]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Where a cubic crop at fractional ``offsets`` in [0, 1) reads and writes: ``(source, target)`` slices.
+
+    The crop is placed in the volume air-padded (``AIR_HU``) to at least ``size`` per axis, ``p // 2`` voxels
+    before and ``p - p // 2`` after (``p = size - n``), at start ``min(int(u * (n' - size + 1)), n' - size)``
+    of each padded length ``n'``; ``volume[source]`` is the part of it inside the volume, to be written at
+    ``crop[target]`` (the rest of the crop is air). No padded copy of the volume is made.
+    """
+    source, target = [], []
+    for u, n in zip(offsets, shape):
+        pad = max(0, size - n)
+        start = min(int(u * (n + pad - size + 1)), n + pad - size) - pad // 2  # in volume coordinates
+        lo, hi = max(0, start), min(n, start + size)
+        source.append(slice(lo, hi))
+        target.append(slice(lo - start, hi - start))
+    return tuple(source), tuple(target)
+
+
+def crop_into(out: np.ndarray, volume: np.ndarray, offsets: tuple[float, float, float]) -> None:
+    """Write the crop of ``volume`` at ``offsets`` (:func:`crop_box`) into ``out``, air where it is padded.
+
+    out: int16 (S, S, S), written in place (for instance one slot of a batch buffer); volume: int16
+    (D, H, W) HU, an ``np.memmap`` or an array: read once, straight into ``out``.
+    """
+    source, target = crop_box(volume.shape, out.shape[0], offsets)
+    if any(t.stop - t.start < out.shape[0] for t in target):
+        out.fill(AIR_HU)
+    out[target] = volume[source]
+
+
+def crop_hu(volume: np.ndarray, size: int, offsets: tuple[float, float, float]) -> torch.Tensor:
     """A cubic crop at fractional ``offsets`` in [0, 1), air-padded where the volume is smaller.
 
-    volume: (D, H, W) int16 HU -> (1, size, size, size) float32 in [0, 1].
+    volume: (D, H, W) int16 HU -> (1, size, size, size) int16 HU (window it with
+    :func:`mim_scale.data.window.hu_window`).
     """
-    pads = [max(0, size - n) for n in volume.shape]
-    if any(pads):
-        volume = np.pad(volume, [(p // 2, p - p // 2) for p in pads], constant_values=AIR_HU)
-    starts = [min(int(u * (n - size + 1)), n - size) for u, n in zip(offsets, volume.shape)]
-    patch = volume[starts[0]:starts[0] + size, starts[1]:starts[1] + size, starts[2]:starts[2] + size]
-    crop = torch.from_numpy(np.ascontiguousarray(patch)).float()
-    crop = (crop.clamp_(hu_min, hu_max) - hu_min) / (hu_max - hu_min)
-    return crop.unsqueeze(0)
+    out = torch.empty((1, size, size, size), dtype=torch.int16)
+    crop_into(out.numpy()[0], volume, offsets)
+    return out
 
 
 class CropStream(IterableDataset):
@@ -288,6 +322,30 @@ class CropStream(IterableDataset):
         return stream, self.world_size * workers, batches * self.batch_size, logical
 
     def __iter__(self) -> Iterator[dict]:
+        """Samples ``{"crop": int16 (1, S, S, S) HU, "meta": dict}``, one new tensor each."""
+        size = self.cfg.crop_size
+        for volume, offsets, meta in self._crops():
+            yield {"crop": crop_hu(volume, size, offsets), "meta": meta}
+
+    def batches(self) -> Iterator[dict]:
+        """Batches of ``batch_size`` consecutive samples, ``{"crop": int16 (B, 1, S, S, S) HU, "meta": [B
+        dicts]}``: each crop is cut from its volume straight into its slot of the batch's buffer (in shared
+        memory in a loader worker, so handing the batch to the main process copies nothing)."""
+        size, count = self.cfg.crop_size, self.batch_size
+        crops = self._crops()
+        while True:
+            buffer = _batch_buffer((count, 1, size, size, size))
+            slots = buffer.numpy()
+            metas = []
+            for slot in range(count):
+                volume, offsets, meta = next(crops)  # an infinite stream: never exhausted
+                crop_into(slots[slot, 0], volume, offsets)  # now, while the volume is the generator's current one
+                metas.append(meta)
+            yield {"crop": buffer, "meta": metas}
+
+    def _crops(self) -> Iterator[tuple[np.ndarray, tuple[float, float, float], dict]]:
+        """The stream's crops, not yet cut: ``(volume (D, H, W) int16, offsets, meta)``; the consumer cuts
+        each (:func:`crop_into`) before asking for the next."""
         stream, streams, skip, worker = self._stream_position()
         k = self.cfg.crops_per_volume
         corrupt = 0
@@ -307,9 +365,10 @@ class CropStream(IterableDataset):
                     corrupt += 1
                     continue
                 produced_any = True
-                item["meta"]["corrupt"] = corrupt
-                item["meta"]["worker"] = worker
-                yield item
+                volume, offsets, meta = item
+                meta["corrupt"] = corrupt
+                meta["worker"] = worker
+                yield volume, offsets, meta
             skip = 0
             barren = 0 if produced_any else barren + 1
             if barren > 4 * len(self.shards) + 8:
@@ -317,9 +376,10 @@ class CropStream(IterableDataset):
                                    f"shards, {corrupt} corrupt samples skipped): check the shards with "
                                    "`mim-scale shards verify`")
 
-    def _read_pick(self, i: int, shard: ShardInfo, skip: int = 0) -> Iterator[dict | None]:
-        """Crops of one pick in their seeded order, the first ``skip`` left out without decoding;
-        ``None`` marks a skipped corrupt sample."""
+    def _read_pick(self, i: int, shard: ShardInfo,
+                   skip: int = 0) -> Iterator[tuple[np.ndarray, tuple[float, float, float], dict] | None]:
+        """Crops of one pick in their seeded order, not yet cut (``(volume, offsets, meta)``), the first
+        ``skip`` left out without decoding; ``None`` marks a skipped corrupt sample."""
         k, window = self.cfg.crops_per_volume, self.cfg.shuffle_buffer
         members = self._members(shard)
         w = 0
@@ -348,9 +408,8 @@ class CropStream(IterableDataset):
                         yield None
                     continue
                 volume, meta = decoded[j]
-                crop = crop_window(volume, self.cfg.crop_size, offsets[(j, c)], self.cfg.hu_min, self.cfg.hu_max)
-                yield {"crop": crop, "meta": {"key": raw[j].get("__key__", ""), "shard": shard_name(shard.url),
-                                              "dataset": meta.get("dataset", ""), "pick": i, "crop_index": c}}
+                yield volume, offsets[(j, c)], {"key": raw[j].get("__key__", ""), "shard": shard_name(shard.url),
+                                                "dataset": meta.get("dataset", ""), "pick": i, "crop_index": c}
             raw.clear()
 
     def _members(self, shard: ShardInfo) -> Iterator[dict]:
@@ -476,14 +535,41 @@ def verified_members(shard: ShardInfo, chunk_bytes: int = 1 << 20) -> Iterator[d
         yield {"__key__": "__corrupt__", "__error__": str(exc)}
 
 
-def collate(items: list[dict]) -> dict:
-    return {"crop": torch.stack([it["crop"] for it in items]), "meta": [it["meta"] for it in items]}
+def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised int16 tensor for one batch; inside a loader worker its storage is allocated in shared
+    memory (as the DataLoader's default collate does), so sending it to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.int16)
+    proto = torch.empty(0, dtype=torch.int16)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return proto.new(storage).resize_(shape)
+
+
+class CropBatches(IterableDataset):
+    """:meth:`CropStream.batches` as a dataset, for a DataLoader without automatic batching."""
+
+    def __init__(self, stream: CropStream):
+        super().__init__()
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.stream.batches()
+
+
+def _as_is(batch: dict) -> dict:
+    return batch  # batches are whole already (CropBatches); a module-level function pickles for any start method
 
 
 def make_loader(cfg: DataConfig, shards: list[ShardInfo], *, rank: int, world_size: int, batch_size: int,
-                batches_consumed: int = 0, seed: int | None = None) -> DataLoader:
-    """A DataLoader over :class:`CropStream` whose batches are ``{"crop": (B, 1, S, S, S), "meta": [...]}``."""
+                batches_consumed: int = 0, seed: int | None = None, pin_memory: bool | None = None) -> DataLoader:
+    """A DataLoader over :class:`CropStream` whose batches are ``{"crop": int16 (B, 1, S, S, S) HU, "meta":
+    [...]}`` (window them on the device: :func:`mim_scale.data.window.hu_window`).
+
+    ``pin_memory`` (default: when CUDA is available): batches come out in page-locked memory, so the
+    host-to-device copy can be asynchronous (``non_blocking=True``) and runs at full bus speed.
+    """
     dataset = CropStream(cfg, shards, rank=rank, world_size=world_size, batch_size=batch_size,
                          batches_consumed=batches_consumed, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers, collate_fn=collate,
-                      persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None)
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return DataLoader(CropBatches(dataset), batch_size=None, num_workers=cfg.num_workers, collate_fn=_as_is,
+                      pin_memory=pin, persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None)

@@ -162,6 +162,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
     """
     fault_spec = parse_fault(fault)
     from mim_scale.data.stream import make_loader, manifest_shards
+    from mim_scale.data.window import hu_window
     from mim_scale.model import build_model, flops_per_sample
 
     t_start = time.perf_counter()
@@ -242,9 +243,10 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
                         metrics.record_corrupt_skipped(new, m["shard"])
                 corrupt_seen[m["worker"]] = m["corrupt"]
                 digest.update(f"{m['shard']}/{m['key']}/{m['pick']}/{m['crop_index']};".encode())
-            # float32 crops: the views and reconstruction targets are cut from them; the model casts only
-            # the encoder's input to the engine's dtype (bf16 steps of ~8 HU would blur level-3 targets)
-            crops = batch["crop"].to(device=device, dtype=torch.float32, non_blocking=True)
+            # int16 HU crosses to the device (half the bytes), the HU window runs there: float32 crops, since
+            # the views and reconstruction targets are cut from them; the model casts only the encoder's input
+            # to the engine's dtype (bf16 steps of ~8 HU would blur level-3 targets)
+            crops = hu_window(batch["crop"].to(device=device, non_blocking=True), cfg.data.hu_min, cfg.data.hu_max)
             generator = torch.Generator(device=device).manual_seed(mask_seed(cfg.train.seed, state.step, micro, rank))
             out = engine(crops, generator=generator, progress=state.step / cfg.train.steps)
             engine.backward(out["total"])

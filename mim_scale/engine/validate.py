@@ -42,13 +42,15 @@ def draw_validation_set(cfg: Config) -> ValidationSet:
     held-out volumes of ``data.validation_shards`` when set (labelled "held-out"), else from the training shards
     ("seen": reconstruction of anatomy the model trains on)."""
     from mim_scale.data.stream import CropStream, manifest_shards
+    from mim_scale.data.window import hu_window
 
     held_out = bool(cfg.data.validation_shards)
     # every held-out volume equally likely: a training mixture names training datasets, not the held-out ones
     data = dataclasses.replace(cfg.data, num_workers=0, **({"shards": cfg.data.validation_shards, "mixture": {}}
                                                            if held_out else {}))
     it = iter(CropStream(data, manifest_shards(data), seed=cfg.data.seed + STREAM_SEED_OFFSET))
-    crops = torch.stack([next(it)["crop"] for _ in range(cfg.train.validation_crops)]).float()
+    hu = torch.stack([next(it)["crop"] for _ in range(cfg.train.validation_crops)])  # int16 (N, 1, S, S, S)
+    crops = hu_window(hu, data.hu_min, data.hu_max)  # the set is kept (and saved) as float32, on the CPU
     vset = validation_set_from_crops(crops, cfg, seed=cfg.train.seed)
     return dataclasses.replace(vset, source="held-out" if held_out else "seen")
 

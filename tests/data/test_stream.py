@@ -1,4 +1,5 @@
-"""The crop stream: real CT crops, exact order on resume, node/worker split, corrupt shards skipped."""
+"""The crop stream: real CT crops (int16, windowed on the device bit-identically to the loaders' old float32
+crops), exact order on resume, node/worker split, corrupt shards skipped."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 import webdataset as wds
 
 from mim_scale.config import DataConfig
-from mim_scale.data.stream import CropStream, crop_window, load_shard_list, make_loader, shard_weights
+from mim_scale.data.stream import AIR_HU, CropStream, crop_hu, load_shard_list, make_loader, shard_weights
+from mim_scale.data.window import hu_window
 from mim_scale.shards.format import encode_volume
 
 
@@ -60,22 +62,81 @@ def _take(loader, n):
     return [next(it) for _ in range(n)]
 
 
-def test_crop_window_real_ct(real_volume):
-    crop = crop_window(real_volume, 48, (0.5, 0.5, 0.5), -1000, 1000)
-    assert crop.shape == (1, 48, 48, 48) and crop.dtype == torch.float32
-    assert 0 <= crop.min() and crop.max() <= 1
-    # the window mapping of a voxel: HU -1000 -> 0, +1000 -> 1
+def old_float32_crop(volume: np.ndarray, size: int, offsets: tuple[float, float, float],
+                     hu_min: float, hu_max: float) -> torch.Tensor:
+    """The loaders' float32 crop before int16 batches (``crop_window``, stream.py at 919fbe9), frozen here
+    verbatim as the reference the int16 path must reproduce bit for bit."""
+    pads = [max(0, size - n) for n in volume.shape]
+    if any(pads):
+        volume = np.pad(volume, [(p // 2, p - p // 2) for p in pads], constant_values=AIR_HU)
+    starts = [min(int(u * (n - size + 1)), n - size) for u, n in zip(offsets, volume.shape)]
+    patch = volume[starts[0]:starts[0] + size, starts[1]:starts[1] + size, starts[2]:starts[2] + size]
+    crop = torch.from_numpy(np.ascontiguousarray(patch)).float()
+    crop = (crop.clamp_(hu_min, hu_max) - hu_min) / (hu_max - hu_min)
+    return crop.unsqueeze(0)
+
+
+def test_crop_real_ct(real_volume):
+    crop = crop_hu(real_volume, 48, (0.5, 0.5, 0.5))
+    assert crop.shape == (1, 48, 48, 48) and crop.dtype == torch.int16
     d, h, w = real_volume.shape
     start = [int(0.5 * (n - 48 + 1)) for n in (d, h, w)]
+    np.testing.assert_array_equal(crop[0].numpy(), real_volume[start[0]:start[0] + 48, start[1]:start[1] + 48,
+                                                                start[2]:start[2] + 48])
+    # the window mapping of a voxel, on the device side: HU -1000 -> 0, +1000 -> 1
+    x = hu_window(crop[None], -1000, 1000)
+    assert x.shape == (1, 1, 48, 48, 48) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     hu = float(real_volume[start[0] + 5, start[1] + 7, start[2] + 9])
-    assert crop[0, 5, 7, 9].item() == pytest.approx((min(max(hu, -1000), 1000) + 1000) / 2000, abs=1e-6)
+    assert x[0, 0, 5, 7, 9].item() == pytest.approx((min(max(hu, -1000), 1000) + 1000) / 2000, abs=1e-6)
 
 
 def test_small_volume_is_padded_with_air(real_volume):
-    crop = crop_window(real_volume[:10, :20, :30], 32, (0.9, 0.1, 0.3), -1000, 1000)
+    crop = crop_hu(real_volume[:10, :20, :30], 32, (0.9, 0.1, 0.3))
     assert crop.shape == (1, 32, 32, 32)
-    assert crop[0, 0, 0, 0].item() == 0.0  # air corner
-    assert crop.max() > 0.3  # real tissue is inside
+    assert crop[0, 0, 0, 0].item() == AIR_HU  # air corner
+    assert hu_window(crop[None], -1000, 1000).max() > 0.3  # real tissue is inside
+
+
+@pytest.mark.parametrize("window", [(-1000.0, 1000.0), (-175.0, 250.0), (-57.0, 175.0), (-1000.5, 999.25)])
+def test_int16_crop_windowed_is_the_old_float32_crop_real_ct(real_volume, window):
+    """Crop (int16, cut without a padded copy) then window (table on the device): exactly the loaders' old
+    float32 crops, at the recipe's window and the fine-tuning ones (a non-integer window too), on the real
+    CT whole, on sub-volumes smaller than the crop along some axes (air padding, odd sizes), and at the
+    extreme offsets."""
+    hu_min, hu_max = window
+    rng = np.random.default_rng(0)
+    cases = [(real_volume, 96, (0.0, 0.0, 0.0)), (real_volume, 96, (0.999999, 0.999999, 0.999999)),
+             (real_volume[:33, :71, :20], 48, (0.9, 0.1, 0.3)), (real_volume[5:12], 40, (0.5, 0.99, 0.0)),
+             (real_volume[:, 100:101, :], 16, (0.2, 0.7, 0.4))]
+    cases += [(real_volume, 64, tuple(rng.random(3))) for _ in range(6)]
+    for volume, size, offsets in cases:
+        new = hu_window(crop_hu(volume, size, offsets)[None], hu_min, hu_max)[0]
+        assert torch.equal(new, old_float32_crop(volume, size, offsets, hu_min, hu_max)), (volume.shape, size, offsets)
+
+
+def test_window_of_every_int16_value():
+    """The device table against the old formula for all 65,536 int16 values (an off-by-one in the table's
+    index would shift every voxel by one HU)."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).reshape(1, 1, 16, 64, 64)
+    old = (every.float().clamp_(-1000.0, 1000.0) - -1000.0) / (1000.0 - -1000.0)
+    assert torch.equal(hu_window(every, -1000.0, 1000.0), old)
+    with pytest.raises(TypeError, match="int16"):
+        hu_window(every.float(), -1000.0, 1000.0)
+
+
+def test_loader_batches_are_int16_and_equal_the_samples(shard_dir):
+    """make_loader's batches (cut straight into a shared-memory buffer in each worker) hold exactly the
+    stream's samples (whose windows are the old crops, above), int16, in order."""
+    shards = load_shard_list(str(shard_dir))
+    cfg = _cfg(num_workers=2, crop_size=40)
+    batches = _take(make_loader(cfg, shards, rank=0, world_size=1, batch_size=3, pin_memory=False), 4)
+    assert all(b["crop"].dtype == torch.int16 and b["crop"].shape == (3, 1, 40, 40, 40) for b in batches)
+    # loader worker w serves batches w, w + 2, ...: worker 0 reads stream 0 of 2, batches 0 and 2
+    samples = iter(CropStream(cfg, shards, world_size=2, batch_size=3))
+    expected = [next(samples) for _ in range(6)]
+    got = [(b["crop"][i], b["meta"][i]) for b in (batches[0], batches[2]) for i in range(3)]
+    for (crop, meta), item in zip(got, expected):
+        assert meta == item["meta"] and torch.equal(crop, item["crop"])
 
 
 def test_same_order_every_time_and_resume_exact(shard_dir):

@@ -45,9 +45,10 @@ def runs(engine_shards, tiny_config, tmp_path_factory):
 
 def _fixed_crops(cfg, n=6) -> torch.Tensor:
     from mim_scale.data.stream import CropStream, load_shard_list
+    from mim_scale.data.window import hu_window
 
     it = iter(CropStream(cfg.data, load_shard_list(cfg.data.shards), seed=12345))
-    return torch.stack([next(it)["crop"] for _ in range(n)])
+    return hu_window(torch.stack([next(it)["crop"] for _ in range(n)]), cfg.data.hu_min, cfg.data.hu_max)
 
 
 def _rec_loss(model, crops) -> float:
