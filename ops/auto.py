@@ -1,7 +1,7 @@
 """What backend ``auto`` picks, per op and per device: only a fused kernel that a measured figure says wins.
 
 The table holds, per card (``torch.cuda.get_device_name()``, exactly) and per op, the figure measured by
-``python -m mim_scale.ops.bench`` on that card (run by ``gpu/run_all.sh``), with the file it came from. The
+``python benchmarks/ops_kernels.py`` on that card (run by ``gpu/run_all.sh``), with the file it came from. The
 decision is computed from the figure by one rule, :func:`wins`: a kernel is on where it is at least
 :data:`MIN_VS_EAGER` times faster than eager torch (what the model runs) *and* not slower than
 ``torch.compile`` of the same reference, in the pass the model uses (``fwd+bwd`` for ops that are
@@ -60,7 +60,7 @@ MEASURED: dict[str, dict[str, Figure]] = {
         # 0.350 ms vs 0.678 ms eager, 0.368 ms compile (13.9% of 4.8 TB/s) -> on
         "make_views": Figure("fwd", 1.936, 1.051, _H200),
         # masked_depthwise_conv3d: not measured on any card yet (the kernel is newer than the last lent GPU);
-        # it stays off until `python -m mim_scale.ops.bench` shows it ahead of cuDNN's channels-last
+        # it stays off until `python benchmarks/ops_kernels.py` shows it ahead of cuDNN's channels-last
         # depthwise conv (the eager path) and of torch.compile.
     },
 }

@@ -19,7 +19,7 @@ results are stored in x's (output, input gradient) or the parameter's (weight, b
 
 What the fusion removes against the model's eager path: the ``h * keep`` tensor (written, read back, and saved
 for backward), the permuted views' layout dance, and in backward the masked input it would otherwise recompute.
-Whether it beats cuDNN's channels-last depthwise conv is a GPU measurement (``python -m mim_scale.ops.bench``);
+Whether it beats cuDNN's channels-last depthwise conv is a GPU measurement (``python benchmarks/ops_kernels.py``);
 until one says so, ``auto`` keeps it off (:mod:`mim_scale.ops.auto`).
 """
 

@@ -1,6 +1,6 @@
 """The bomb corpus: small files that declare, inflate or resample to far more memory than a worker has.
 
-For the tests (every bomb is rejected with its reason) and for ``python -m mim_scale.shards.membench``
+For the tests (every bomb is rejected with its reason) and for ``python benchmarks/shard_memory.py``
 (peak resident memory of a build over them). Every file is a few MB on disk; what each would take if
 it were read naively is in ``BOMBS``. Deflate streams of zeros are made by repeating one compressed,
 fully flushed block, so a 8 GiB stream costs milliseconds to make (the gzip CRC of such a stream is

@@ -7,7 +7,7 @@ to 2 GiB, a 64^3 volume at 30 mm resamples to 1280^3 at 1.5 mm. A voxel count al
 bytes per voxel each pipeline stage holds at its peak, times the voxels it holds them for.
 
 The per-stage figures below are what the code in ``dicom``, ``nifti``, ``geometry`` and ``worker``
-keeps alive at once (see the comments); ``python -m mim_scale.shards.membench`` measures the peak
+keeps alive at once (see the comments); ``python benchmarks/shard_memory.py`` measures the peak
 resident memory of a build on an input just under the cap and on the bomb corpus.
 
 Public helpers for any reader (the NIfTI and DICOM readers use them; new readers should too):
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from mim_scale.shards.rejects import InputRejected
 
 DEFAULT_WORKER_MEMORY_BYTES = 4 << 30
-# the worker process itself: ~76 MiB resident with numpy, scipy, pydicom, nibabel imported (``membench``; a Ray
-# worker ~330 MiB, README), plus decoders loaded on first use and allocator slack (~80 MiB building the sample
+# the worker process itself: ~76 MiB resident with numpy, scipy, pydicom, nibabel imported
+# (``benchmarks/shard_memory.py``; a Ray worker ~330 MiB, README), plus decoders loaded on first use and allocator slack (~80 MiB building the sample
 # series); the rest of the worker memory is the budget for one volume
 RESERVED_BYTES = 384 << 20
 MIN_WORKER_MEMORY_BYTES = RESERVED_BYTES + (16 << 20)

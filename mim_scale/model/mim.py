@@ -13,7 +13,7 @@ transformer stage depends on the visible-token count K, which differs between le
 - ``"level"``: one full encoder+decoder call per level (what the published code does); kept for
   benchmarking against it.
 
-``python -m mim_scale.model.bench --compare-batching`` measures them; see the README note there.
+``python benchmarks/model_step.py --compare-batching`` measures them; see the README note there.
 """
 
 from __future__ import annotations

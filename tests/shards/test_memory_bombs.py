@@ -1,7 +1,7 @@
 """Memory bombs are refused before allocation: the bomb corpus is rejected with its reasons, a Deflated DICOM is
 inflated only up to a cap (in discovery too), Deflated series that fit still build exactly, and the caps are in
 bytes of worker memory (just under builds, just over is refused). Peak memory is measured by
-``python -m mim_scale.shards.membench``, not here."""
+``python benchmarks/shard_memory.py``, not here."""
 
 from __future__ import annotations
 
