@@ -5,10 +5,14 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # Lazy, so that `import mim_scale` (and the CLI's --help) does not import torch.
-    if name in ("load_encoder", "load_encoder_weights", "export_run"):
+    if name in ("load_encoder", "load_encoder_weights"):  # the loading API, below the engine
+        from mim_scale.model import io
+
+        return getattr(io, name)
+    if name == "export_run":
         from mim_scale import export
 
-        return getattr(export, name)
+        return export.export_run
     if name == "load_bundle_network":  # a MONAI bundle from `mim-scale export --format monai-bundle`
         from mim_scale import monai_bundle
 

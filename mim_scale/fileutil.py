@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -106,3 +107,29 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             continue
         records.append(record)
     return records
+
+
+# ---------------------------------------------------------------- small JSON files from elsewhere
+
+
+class JSONFileError(ValueError):
+    """A JSON file that is too large or not JSON; the message gives the reason only, the caller names the file
+    (and raises its own error type)."""
+
+
+def read_json_bounded(path: str | os.PathLike, limit_bytes: int, what: str) -> Any:
+    """The JSON value in ``path``, refused unread when larger than ``limit_bytes`` (``what`` names what the
+    file should be, for that message: "not an export's config"). Raises :class:`JSONFileError`."""
+    import json
+
+    path = Path(path)
+    if path.stat().st_size > limit_bytes:
+        raise JSONFileError(f"larger than {limit_bytes} bytes, {what}")
+    with open(path, "rb") as f:
+        data = f.read(limit_bytes + 1)  # the file may have grown since the stat
+    if len(data) > limit_bytes:
+        raise JSONFileError(f"larger than {limit_bytes} bytes, {what}")
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise JSONFileError(f"not JSON ({exc})") from exc

@@ -58,7 +58,7 @@ class FeatureEncoder(nn.Module):
 
     def __init__(self, model: dict[str, Any]):
         super().__init__()
-        from mim_scale.export import model_config_of
+        from mim_scale.model.io import model_config_of
         from mim_scale.model import build_encoder
 
         self.encoder = build_encoder(model_config_of(dict(model)))

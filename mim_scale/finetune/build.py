@@ -53,11 +53,8 @@ def resolve_init(init: str, model_config: str | ModelConfig | None = None) -> En
             raise UserFacingError("--init scratch needs --model (a shipped config name such as tiny or base, or a file)")
         cfg = model_config if isinstance(model_config, ModelConfig) else load_config(model_config).model
         return EncoderInit(build_encoder(cfg), cfg, "scratch", {})
-    try:
-        from mim_scale.export import load_encoder
-        from mim_scale.export_store import is_remote
-    except ModuleNotFoundError as exc:
-        raise UserFacingError(f"--init {init}: the export stage (mim_scale.export) is not installed") from exc
+    from mim_scale.export_store import is_remote
+    from mim_scale.model.io import load_encoder
     if is_remote(init):
         # pulled into the local cache and every sha256 checked; the cached folder is what gets loaded
         encoder, meta = load_encoder(init)
