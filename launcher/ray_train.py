@@ -341,7 +341,7 @@ def check_init(cfg: Config, init: Path) -> Path:
     (keys and shapes are checked on the meta device: nothing is allocated)."""
     import torch
 
-    from mim_scale.export import load_encoder_weights
+    from mim_scale.model.io import load_encoder_weights
     from mim_scale.model import build_model
 
     if not init.exists():

@@ -176,7 +176,7 @@ def run_training(cfg: Config, *, run_dir: Path, reporter: Reporter, init_weights
 
     model = convert_sync_batchnorm(build_model(cfg))  # the alignment MLPs' BatchNorms see every rank's pairs
     if init_weights is not None:
-        from mim_scale.export import load_encoder_weights
+        from mim_scale.model.io import load_encoder_weights
 
         load_encoder_weights(model.encoder, init_weights)
     engine, _optimizer, scheduler = build_engine(cfg, model, world)
