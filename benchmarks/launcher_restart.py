@@ -1,7 +1,7 @@
 """Launcher benchmark: Ray start, launch to first step, and restart after a worker is SIGKILLed.
 
-    python benchmarks/launcher_restart.py                      # tiny MiM on the sample CT, 2 CPU workers
-    python benchmarks/launcher_restart.py --workers 1 --use-gpu --config base --shards /data/shards
+    OMP_NUM_THREADS=1 python benchmarks/launcher_restart.py     # CPU: tiny MiM on the sample CT, 2 workers, ~2 min
+    python benchmarks/launcher_restart.py --workers 1 --use-gpu --config base --shards /data/shards/manifest.json
 
 One run, timed from the driver: ``ray.init`` of a local cluster; ``pretrain`` with a ``kill:1:K`` drill.
 A thread watches the run's ``history.jsonl`` (rank 0 appends a line per step) and stamps each line as it

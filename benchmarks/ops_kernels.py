@@ -1,7 +1,9 @@
-"""Benchmark: each fused kernel against eager torch and torch.compile, and the MiM step with and without them.
+"""Ops kernels: each fused kernel against eager torch and torch.compile, and the MiM step with and without them.
 
     python benchmarks/ops_kernels.py [--json FILE] [--config base] [--budget-s 160]   # on one GPU, < 3 minutes
     python benchmarks/ops_kernels.py --dry-run                                         # CPU, tiny: checks wiring
+
+All three implementations (and both step backends) are timed in this invocation; every ratio is between them.
 
 Per kernel and direction (forward, forward+backward) it prints the median time of the Triton kernel, of the
 eager reference (:mod:`mim_scale.ops.reference`) and of ``torch.compile`` of that reference, the speed-ups, and
@@ -9,8 +11,9 @@ the achieved bandwidth as a fraction of the card's peak; the masked depthwise co
 base's conv-stage shapes against eager (cuDNN channels-last, what the model runs) and compile. After the
 figures it prints what ``mim_scale.ops.auto``'s rule decides from this run, beside the table's decision.
 Bandwidth counts the *useful* bytes: what a single fused pass must read and write (for example, the masked
-tokens' predictions and patches, not the visible ones'), the same figure for all three implementations, so the fraction says how close each gets to the
-memory limit. The end-to-end part times a full training step (forward, backward, AdamW) of
+tokens' predictions and patches, not the visible ones'), the same figure for all three implementations, so the
+fraction says how close each gets to the memory limit (the peak is the card's datasheet figure, ``PEAK_BANDWIDTH``).
+The end-to-end part times a full training step (forward, backward, AdamW) of
 ``mim_scale.model.build_model(cfg)`` with the ops backend set to ``reference`` and to ``auto``, and reports
 how many calls reached the kernels (0 means the model does not route through ``mim_scale.ops``).
 

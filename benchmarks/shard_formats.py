@@ -1,13 +1,15 @@
-"""Build throughput per input format (volumes/min/core), each beside NIfTI's measured in the same run.
+"""Shard formats: build throughput per input format (volumes/min/core), each beside NIfTI's measured in the same run.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/shard_formats.py --ct /work/shared/data/ct          # CPU, ~1-2 min
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/shard_formats.py --ct /work/shared/data/ct --copies 6   # the README's
 
 The real DICOM series of the sample CT (512 x 512 x 20, int16 HU, read by SimpleITK) is written
 ``--copies`` times in each format, each copy with a small block of its corner changed so that no copy is a
 duplicate of another; every format is then built on its own, in-process on one core (``workers=0``), at the
 default 1.5 mm, ``--repeat`` times. Printed per format: file MiB per volume, read seconds per volume
 (reader + canonical orientation only), full-build volumes/min/core by wall clock and per CPU-minute of
-this process (medians of the repeats), each with its ratio to NIfTI (.nii.gz, the baseline). Also the DICOM original itself, read alone. ~1-2 min::
-
-    .venv/bin/python benchmarks/shard_formats.py --ct ../shared/data/ct
+this process (medians of the repeats), each with its ratio to NIfTI (.nii.gz, the baseline). Also the DICOM
+original itself, read alone.
 """
 
 from __future__ import annotations

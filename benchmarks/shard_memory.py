@@ -1,11 +1,14 @@
-"""``python benchmarks/shard_memory.py``: peak resident memory of the shard builder on inputs just under the
-memory caps and on the bomb corpus, each against the baseline of the same process before it builds.
+"""Shard memory: peak resident memory of the shard builder on inputs just under the memory caps and on the bomb
+corpus, each against the baseline of the same process before it builds.
+
+    OMP_NUM_THREADS=1 python benchmarks/shard_memory.py                  # CPU, Linux, the sample CT, ~2 min
+    OMP_NUM_THREADS=1 python benchmarks/shard_memory.py --copies 10 --work-dir /tmp
 
 Each case runs in a fresh process that imports the builder and its readers, notes its resident memory (the
 baseline: an idle worker), resets its peak (Linux ``clear_refs``, so import transients do not count), builds the
-input in-process (``workers=0``: the driver is the worker) and notes its peak RSS (VmHWM). Printed per case: outcome, baseline, peak, peak - baseline (the
-working memory), the volume budget of the cap it ran under and working / budget (must stay <= 1 for inputs
-that build; near 0 for bombs, which are refused before they allocate).
+input in-process (``workers=0``: the driver is the worker) and notes its peak RSS (VmHWM). Printed per case:
+outcome, baseline, peak, peak - baseline (the working memory), the volume budget of the cap it ran under and
+working / budget (must stay <= 1 for inputs that build; near 0 for bombs, which are refused before they allocate).
 
 Cases: the real DICOM series (``ensure_sample_data``) with the worker memory set just above what the caps
 say it needs; the real series stacked 10 times along z (a 512x512x200 int16 NIfTI made from it) likewise;

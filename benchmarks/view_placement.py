@@ -1,11 +1,12 @@
-"""Where to build the MiM level views: in the DataLoader workers or on the training device? Measured.
+"""View placement: build the MiM level views in the DataLoader workers or on the training device? Measured.
 
-    python benchmarks/view_placement.py --config tiny --batch 2
-    python benchmarks/view_placement.py --config base --batch 1 --steps 1
+    OMP_NUM_THREADS=2 python benchmarks/view_placement.py --config tiny --batch 2          # CPU, seconds
+    python benchmarks/view_placement.py --config base --batch 1 --steps 1                  # CPU, ~1 min
 
 Building views in the loader would move this work off the device but multiply what crosses the
 host-to-device link: one crop of (2V)^3 voxels becomes 1 + 4 + 16 views of V^3 (21 / 8 = 2.6x the bytes).
-This prints the view-building time against the whole training step and the bytes each placement moves.
+This prints the view-building time against the whole training step measured in the same run (its
+baseline) and the bytes each placement moves. CPU only: the model and the crops are built on the CPU.
 """
 
 from __future__ import annotations
