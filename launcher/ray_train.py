@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mim_scale import rundir
+from mim_scale import console, rundir
 from mim_scale.config import Config, from_dict
 from mim_scale.launcher.driver_files import RayRunFiles, start_run_folder
 from mim_scale.metrics import resolve_addr
@@ -197,11 +197,64 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # has its runtime_env fixed); variables read at import time need the runtime_env itself.
     for key, value in (loop_config.get("extra_env") or {}).items():
         os.environ.setdefault(key, value)
-    configure_logging()
     cfg = from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    with ExitStack() as stack:
+        if loop_config.get("quiet"):
+            _quiet_worker()
+            if loop_config.get("logs_shared") or ray.get_runtime_context().get_node_id() == loop_config.get("driver_node"):
+                stack.enter_context(_output_to(run_dir / rundir.worker_log(rank), rank))
+        configure_logging()
+        _train_worker(loop_config, cfg, run_dir, rank, world)
+
+
+def _quiet_worker() -> None:
+    """Known noise, turned off where it is made (quiet mode only; --verbose keeps it): torch's deprecation of
+    ``all_gather_into_tensor``, raised by DeepSpeed's ZeRO collectives on every rank at every step."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+
+
+class _output_to:
+    """Context manager: this process's stdout and stderr (file descriptors 1 and 2: Python, DeepSpeed's
+    prints, C++ warnings) appended to ``path`` (the run folder's ``logs/rank-N.log``), restored on exit."""
+
+    def __init__(self, path: Path, rank: int):
+        self.path, self.rank = path, rank
+        self._saved: list[int] = []
+
+    def __enter__(self) -> Path:
+        import sys
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush(), sys.stderr.flush()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.write(fd, f"==== rank {self.rank}, pid {os.getpid()} on {socket.gethostname()}, started "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')} ====\n".encode())
+        self._saved = [os.dup(1), os.dup(2)]
+        os.dup2(fd, 1), os.dup2(fd, 2)
+        os.close(fd)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        import sys
+        import traceback
+
+        if exc[0] is not None and not issubclass(exc[0], (KeyboardInterrupt, SystemExit)):
+            traceback.print_exception(*exc, file=sys.stderr)  # the whole traceback, in this rank's log
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(self._saved[0], 1), os.dup2(self._saved[1], 2)
+        for fd in self._saved:
+            os.close(fd)
+
+
+def _train_worker(loop_config: dict[str, Any], cfg: Config, run_dir: Path, rank: int, world: int) -> None:
+    import ray
+
     # the driver's run folder, through its actor (mim_scale.launcher.driver_files), whatever node this is
     files = RayRunFiles(loop_config["run_files"], str(run_dir)) if loop_config.get("run_files") else RunFiles(run_dir)
     node_ip = ray.util.get_node_ip_address()
@@ -318,13 +371,15 @@ def ensure_ray(cfg: Config, env: dict[str, str] | None = None) -> bool:
     """
     import ray
 
+    console.quiet_third_party()  # Ray's own terminal handler exists now that ray is imported
     if ray.is_initialized():
         return False
     env = worker_env(cfg, env)
     address = cfg.launch.address or submitted_job_address()
     if address and not cfg.launch.address:  # a job's own runtime_env wins on a shared variable (Ray refuses both)
         env = {k: v for k, v in env.items() if k not in submitted_job_env_vars()}
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    # quiet (the default): workers write the run folder's logs/rank-N.log instead of streaming to this terminal
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": console.verbose()}
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -362,22 +417,33 @@ def storage_root(cfg: Config) -> str:
 
 
 def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None, ckpt_fault: str | None = None,
-             env: dict[str, str] | None = None) -> LaunchResult:
+             env: dict[str, str] | None = None, show: bool = True) -> LaunchResult:
     """Run (or resume) pre-training for ``cfg`` on Ray; blocks until it ends.
 
     ``fault`` injects one failure for drills (``raise:RANK:STEP`` / ``kill:RANK:STEP``, see
     ``mim_scale.engine.loop.parse_fault``); ``ckpt_fault`` (``write:RANK:STEP`` /
     ``upload:RANK:STEP``) kills that rank in the middle of saving that step's checkpoint.
     ``env``: more environment for the workers (``--env``).
+    ``show``: draw the progress line on stdout and print every worker failure (:mod:`mim_scale.launcher.watch`).
+    The driver's full log goes to ``RUN/logs/driver.log``, each worker's output to ``RUN/logs/rank-N.log``.
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     name = run_name(cfg)
     storage = storage_root(cfg)
     run_dir = Path(storage) / name if "://" not in storage else Path("runs").resolve() / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    with console.log_to_file(run_dir / rundir.DRIVER_LOG):
+        return _pretrain(cfg, name, storage, run_dir, init=init, fault=fault, ckpt_fault=ckpt_fault, env=env,
+                         show=show)
+
+
+def _pretrain(cfg: Config, name: str, storage: str, run_dir: Path, *, init: Path | None, fault: str | None,
+              ckpt_fault: str | None, env: dict[str, str] | None, show: bool) -> LaunchResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mim_scale.launcher.watch import ControllerEvents, RunWatcher, describe_failure
+
     stop_uri = f"{storage.rstrip('/')}/{name}" if "://" in storage else None
     check_elastic(cfg)
     parse_fault(fault), parse_ckpt_fault(ckpt_fault)  # a mistyped drill fails here, not in every worker
@@ -397,15 +463,23 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
 
     lease = RunLease.acquire(stop_uri or str(run_dir))  # a second live launch of this run is refused here
     t0 = time.perf_counter()
+    progress = console.Progress("pretrain", cfg.train.steps) if show else None
+    if progress is not None:
+        progress.update(text="starting Ray" if not ray.is_initialized() else "starting the workers")
     try:
         started = ensure_ray(cfg, env)
     except BaseException:
         lease.release()
+        if progress is not None:
+            progress.close()
         raise
+    if started:
+        _link_ray_logs(run_dir)
     driver = DriverRecord(run_dir, name=name, storage=storage, address=cfg.launch.address or "local")
     driver.write("running", ray_address=_gcs_address())
     error: BaseException | None = None
     run_files = None
+    watcher = None
     try:
         run_files = start_run_folder(str(run_dir))  # workers write targets/history/records here, from any node
         resources = {"CPU": cfg.launch.cpus_per_worker}
@@ -417,25 +491,41 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
             train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "init": str(init) if init else None,
                                "fault": fault, "ckpt_fault": ckpt_fault, "stop_uri": stop_uri, "run_files": run_files,
                                "run_uri": f"{storage.rstrip('/')}/{name}",
-                               "env_names": sorted(worker_env(cfg, env)), "extra_env": dict(env or {})},
+                               "env_names": sorted(worker_env(cfg, env)), "extra_env": dict(env or {}),
+                               # quiet: each worker's output to RUN/logs/rank-N.log, where the run folder is
+                               # reachable (a shared storage path, or the driver's node)
+                               "quiet": not console.verbose(), "logs_shared": "://" not in storage,
+                               "driver_node": ray.get_runtime_context().get_node_id()},
             scaling_config=ScalingConfig(num_workers=hi if lo == hi else (lo, hi), use_gpu=cfg.launch.use_gpu,
                                          resources_per_worker=resources,
                                          elastic_resize_monitor_interval_s=ELASTIC_RESIZE_SECONDS),
             torch_config=TorchConfig(backend="nccl" if cfg.launch.use_gpu else "gloo"),
             run_config=RunConfig(name=name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+                                 # checkpoints and worker failures as the controller sees them -> RUN/logs/events.jsonl
+                                 callbacks=[ControllerEvents(run_files)]),
         )
+        if progress is not None:
+            watcher = RunWatcher(run_dir, cfg.train.steps, progress).start()
         try:
             result = trainer.fit()
             metrics = dict(result.metrics or {})
             checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
         except Exception as exc:  # noqa: BLE001 - reported to the caller with the run folder
             error, metrics, checkpoint = exc, {}, None
+            log.error("training failed: %s", exc)  # the whole of it, in RUN/logs/driver.log
     except BaseException as exc:
         driver.write("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        if watcher is not None:
+            watcher.stop()
+            # the failures that ended the run, from the error itself (the controller's event may not be in yet)
+            for rank, exc in sorted((getattr(error, "worker_failures", None) or {}).items()):
+                watcher.show_failure(rank, describe_failure(exc), tail=None)
+        if progress is not None:
+            progress.close()
         if run_files is not None:
             ray.kill(run_files)
         if started:
@@ -446,6 +536,39 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
                  step=metrics.get("step"))
     return LaunchResult(run_dir=run_dir, checkpoint=checkpoint, metrics=metrics, error=error,
                         seconds=time.perf_counter() - t0)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line per failed worker for a failed run (the tracebacks were printed by the watcher and are in the
+    workers' log files); any other error as its type and first line."""
+    from mim_scale.launcher.watch import describe_failure
+
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        parts = []
+        for rank, exc in sorted(failures.items()):
+            f = describe_failure(exc)
+            first = next((ln.strip() for ln in f["message"].splitlines() if ln.strip()), "")
+            parts.append(f"rank {rank}: " + (f"{f['type']}: {first}" if f["kind"] == "error" else f"process died ({first})"))
+        return "; ".join(parts)
+    first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), "")
+    return f"{type(error).__name__}: {first}"
+
+
+def _link_ray_logs(run_dir: Path) -> None:
+    """``RUN/logs/ray``: a link to the session logs of the Ray cluster this driver started (raylet, GCS,
+    controller, every worker process's own files), so that the run folder leads to every log."""
+    try:
+        import ray._private.worker as ray_worker  # the session folder has no public accessor
+
+        target = Path(ray_worker._global_node.get_logs_dir_path())
+        link = run_dir / rundir.RAY_LOGS_LINK
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
+    except Exception as exc:  # noqa: BLE001 - informational only
+        log.info("no link to Ray's session logs: %s", exc)
 
 
 def _gcs_address() -> str | None:

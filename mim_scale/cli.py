@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mim-scale",
         description="MiM pre-training for 3D CT: shards, Ray + DeepSpeed pre-training, export, fine-tuning.",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show everything: every log line of the driver, Ray and every worker (as does "
+                             "MIM_SCALE_LOG=LEVEL); by default the terminal shows stages, progress and a summary, "
+                             "and the full logs go to files whose paths are printed")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module_name in _STAGES:
@@ -43,12 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that stage is not built yet
             raise
         module.register(sub)
+    for command in sub.choices.values():  # `mim-scale COMMAND ... --verbose` as well as `mim-scale --verbose ...`
+        if "--verbose" not in command._option_string_actions:
+            command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                                 help="show everything (see mim-scale --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from mim_scale import console
+
+    console.setup(verbose_flag=args.verbose)
     try:
         result = args.func(args)
     except ConfigError as exc:

@@ -17,6 +17,10 @@ object store) holds what Ray Train persists and what the launcher and the worker
     prometheus_targets/rank-N.json each worker's /metrics address (file_sd)          (targets_file)
     monitor/                       ``mim-scale monitor``'s Prometheus config and data (MONITOR_DIR)
     pictures/                      reconstruction and loss-curve PNGs                (PICTURES_DIR)
+    logs/driver.log                the driver's full log (the terminal shows a summary) (DRIVER_LOG)
+    logs/rank-N.log                worker N's stdout and stderr, every attempt       (worker_log)
+    logs/events.jsonl              what Ray's controller saw: checkpoints, worker failures (EVENTS_FILE)
+    logs/ray                       a link to Ray's own session logs on the driver's node (RAY_LOGS_LINK)
 
 Workers on other machines must not write these files to their own disk: a worker writes through a
 :class:`RunFiles`. The local one (this module) writes into a folder; under Ray the launcher hands every worker a
@@ -42,11 +46,15 @@ WORKERS_DIR = "workers"
 TARGETS_DIR = "prometheus_targets"
 MONITOR_DIR = "monitor"
 PICTURES_DIR = "pictures"
+LOGS_DIR = "logs"
+DRIVER_LOG = f"{LOGS_DIR}/driver.log"
+EVENTS_FILE = f"{LOGS_DIR}/events.jsonl"
+RAY_LOGS_LINK = f"{LOGS_DIR}/ray"
 SCRATCH_SUFFIX = ".tmp"
 REHEARSAL_SUFFIX = "-rehearsal"  # `pretrain --rehearse` runs in STORAGE/NAME-rehearsal-<UTC time>
 
 # what a worker may write into the driver's run folder (first path part)
-WORKER_WRITABLE = (RECIPE_FILE, ATTEMPTS_FILE, HISTORY_FILE, WORKERS_DIR, TARGETS_DIR, PICTURES_DIR)
+WORKER_WRITABLE = (RECIPE_FILE, ATTEMPTS_FILE, HISTORY_FILE, WORKERS_DIR, TARGETS_DIR, PICTURES_DIR, LOGS_DIR)
 _RANK_FILE = re.compile(r"^rank-(\d{1,6})\.json$")
 _PART = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-]{0,127}$")
 
@@ -69,6 +77,11 @@ def fault_marker(action: str, rank: int, step: int) -> str:
 def worker_record(rank: int) -> str:
     """``workers/rank-N.json``: host, pid, Ray node and world size of worker ``rank``."""
     return f"{WORKERS_DIR}/rank-{int(rank)}.json"
+
+
+def worker_log(rank: int) -> str:
+    """``logs/rank-N.log``: everything worker ``rank`` printed (stdout and stderr), appended attempt after attempt."""
+    return f"{LOGS_DIR}/rank-{int(rank)}.log"
 
 
 def targets_file(rank: int) -> str:
