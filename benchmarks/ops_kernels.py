@@ -135,6 +135,21 @@ def _grad_call(fn: Callable, leaf: torch.Tensor, *args) -> Callable[[], object]:
     return call
 
 
+def _fwd_and_bwd(name: str, reference: Callable, fused: Callable, args: tuple, fwd_bytes: float,
+                 fwd_bwd_bytes: float) -> list[Bench]:
+    """A forward and a forward+backward :class:`Bench` of ``reference`` / ``fused`` on ``args``; the backward is
+    taken with respect to ``args[0]`` (a leaf that requires grad)."""
+    fwd = Bench(name, "fwd", fwd_bytes, reference_fn=reference)
+    fwd.impls["eager"] = lambda: reference(*args)
+    fwd.impls["triton"] = lambda: fused(*args)
+    fwd.make_compiled_call = lambda f: (lambda: f(*args))
+    bwd = Bench(name, "fwd+bwd", fwd_bwd_bytes, reference_fn=reference)
+    bwd.impls["eager"] = _grad_call(reference, *args)
+    bwd.impls["triton"] = _grad_call(fused, *args)
+    bwd.make_compiled_call = lambda f: _grad_call(f, *args)
+    return [fwd, bwd]
+
+
 def build_benches(dev: torch.device, z: Sizes, use_triton: bool) -> list[Bench]:
     from types import SimpleNamespace
 
@@ -156,17 +171,8 @@ def build_benches(dev: torch.device, z: Sizes, use_triton: bool) -> list[Bench]:
     frac = float(mask.mean())
     read = frac * (pred.numel() * pred.element_size() + vol.numel() * vol.element_size())
     grad_write = pred.numel() * pred.element_size()
-    for direction, nbytes in (("fwd", read), ("fwd+bwd", 2 * read + grad_write)):
-        b = Bench("masked_norm_pix_mse", direction, nbytes, reference_fn=R.masked_norm_pix_mse)
-        if direction == "fwd":
-            b.impls["eager"] = lambda: R.masked_norm_pix_mse(pred, vol, mask, p)
-            b.impls["triton"] = lambda: T.masked_norm_pix_mse(pred, vol, mask, p)
-            b.make_compiled_call = lambda f: (lambda: f(pred, vol, mask, p))
-        else:
-            b.impls["eager"] = _grad_call(R.masked_norm_pix_mse, pred, vol, mask, p)
-            b.impls["triton"] = _grad_call(T.masked_norm_pix_mse, pred, vol, mask, p)
-            b.make_compiled_call = lambda f: _grad_call(f, pred, vol, mask, p)
-        benches.append(b)
+    benches += _fwd_and_bwd("masked_norm_pix_mse", R.masked_norm_pix_mse, T.masked_norm_pix_mse, (pred, vol, mask, p),
+                            read, 2 * read + grad_write)
 
     # --- visible-token gather (encoder width) and scatter with the mask token (decoder width)
     rows, k = z.token_rows, length // 2
@@ -174,33 +180,14 @@ def build_benches(dev: torch.device, z: Sizes, use_triton: bool) -> list[Bench]:
     ids = torch.stack([torch.randperm(length, generator=g)[:k].sort().values for _ in range(rows)]).to(dev)
     es = x.element_size()
     gather_rw = 2 * rows * k * z.enc_dim * es
-    for direction, nbytes in (("fwd", gather_rw), ("fwd+bwd", gather_rw + rows * k * z.enc_dim * es
-                                                    + rows * length * z.enc_dim * es)):
-        b = Bench("gather_tokens", direction, nbytes, reference_fn=R.gather_tokens)
-        if direction == "fwd":
-            b.impls["eager"] = lambda: R.gather_tokens(x, ids)
-            b.impls["triton"] = lambda: T.gather_tokens(x, ids)
-            b.make_compiled_call = lambda f: (lambda: f(x, ids))
-        else:
-            b.impls["eager"] = _grad_call(R.gather_tokens, x, ids)
-            b.impls["triton"] = _grad_call(T.gather_tokens, x, ids)
-            b.make_compiled_call = lambda f: _grad_call(f, x, ids)
-        benches.append(b)
+    benches += _fwd_and_bwd("gather_tokens", R.gather_tokens, T.gather_tokens, (x, ids), gather_rw,
+                            gather_rw + rows * k * z.enc_dim * es + rows * length * z.enc_dim * es)
 
     vis = torch.randn((rows, k, z.dec_dim), generator=g).to(dev, bf16).requires_grad_(True)
     fill = torch.randn((z.dec_dim,), generator=g).to(dev, bf16)
     scatter_rw = (rows * k + rows * length) * z.dec_dim * es
-    for direction, nbytes in (("fwd", scatter_rw), ("fwd+bwd", 2 * scatter_rw)):
-        b = Bench("scatter_tokens", direction, nbytes, reference_fn=R.scatter_tokens)
-        if direction == "fwd":
-            b.impls["eager"] = lambda: R.scatter_tokens(vis, ids, fill, length)
-            b.impls["triton"] = lambda: T.scatter_tokens(vis, ids, fill, length)
-            b.make_compiled_call = lambda f: (lambda: f(vis, ids, fill, length))
-        else:
-            b.impls["eager"] = _grad_call(R.scatter_tokens, vis, ids, fill, length)
-            b.impls["triton"] = _grad_call(T.scatter_tokens, vis, ids, fill, length)
-            b.make_compiled_call = lambda f: _grad_call(f, vis, ids, fill, length)
-        benches.append(b)
+    benches += _fwd_and_bwd("scatter_tokens", R.scatter_tokens, T.scatter_tokens, (vis, ids, fill, length),
+                            scatter_rw, 2 * scatter_rw)
 
     # --- all views of a batch of crops (no masks: the model masks inside its conv blocks)
     c2 = 2 * s

@@ -28,8 +28,8 @@ BASE_SHAPES = ((21, 48, 48), (21, 96, 24), (21, 192, 12))
 SMALL_SHAPES = ((2, 8, 12), (2, 16, 6))
 
 
-def _timed(fn, device: torch.device, reps: int) -> float:
-    """Best-of-``reps`` milliseconds of ``fn()`` after one warm-up call."""
+def best_ms(fn, device: torch.device, reps: int) -> float:
+    """Best-of-``reps`` milliseconds of ``fn()`` after one warm-up call (CUDA synchronised around each call)."""
     fn()
     best = float("inf")
     for _ in range(reps):
@@ -72,8 +72,8 @@ def measure(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtyp
             x.grad = wp.grad = None
             conv(x, wp).backward(gout)
 
-        fwd_ms = _timed(forward, device, reps)
-        fb_ms = _timed(forward_backward, device, reps)
+        fwd_ms = best_ms(forward, device, reps)
+        fb_ms = best_ms(forward_backward, device, reps)
         grads = (x.grad.float(), wp.grad.float())
         if reference is None:
             reference = grads

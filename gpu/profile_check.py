@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from depthwise_check import best_ms  # a sibling script: gpu/ is sys.path[0] when run as python gpu/<name>.py
+
 CONV_PATTERN = re.compile(r"depthwise|cudnn|conv|dgrad|wgrad|xmma|implicit", re.IGNORECASE)
 BASE_DW_SHAPES = ((21, 48, 48), (21, 96, 24))  # (views, channels, side) of base's conv stages
 SMALL_DW_SHAPES = ((2, 4, 6),)
@@ -169,17 +171,7 @@ def conv_stages(args, device: torch.device, batches, reps: int, deadline: float)
                 feats = fn(x, keep)
             sum(f.float().square().mean() for f in feats).backward()
             enc.zero_grad(set_to_none=True)
-        once()
-        best = float("inf")
-        for _ in range(reps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            once()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        return best * 1e3
+        return best_ms(once, device, reps)
 
     rows = []
     for batch in batches:
