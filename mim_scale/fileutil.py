@@ -1,9 +1,12 @@
-"""Small file helpers shared by the stages: content hashes and atomic writes."""
+"""Small file helpers shared by the stages: content hashes, atomic writes, append-only JSON lines and bounded
+JSON reads."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +20,35 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, fsync and rename: no half-written file survives."""
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, tmp_path: str | os.PathLike | None = None,
+                sync_dir: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name (``savefig``, ``nib.save``,
+    safetensors' ``save_file``): renamed over ``path`` when the block ends, removed when it raises, so no
+    half-written file ever has the final name. ``tmp_path``: the temporary name (default
+    ``.NAME.tmpPID`` beside it; a builder that sweeps its own leftovers names its own). ``sync_dir``: fsync
+    the folder after the rename, so that the rename itself survives a power loss."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = Path(tmp_path) if tmp_path is not None else path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:  # a full disk or a signal: the old file stays, no temporary is left beside it
         tmp.unlink(missing_ok=True)
         raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes, *, tmp_path: str | os.PathLike | None = None,
+                 sync_dir: bool = False) -> None:
+    """Write ``data`` (text is UTF-8) to ``path`` through a temporary file, fsync and rename: no half-written
+    file survives. ``tmp_path`` and ``sync_dir`` as for :func:`atomic_path`."""
+    with atomic_path(path, tmp_path=tmp_path, sync_dir=sync_dir) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
