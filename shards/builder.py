@@ -33,15 +33,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mim_scale.errors import UserFacingError
-from mim_scale.fileutil import fsync_dir, sha256_file
-from mim_scale.shards import dicom, formats, metrics, recipes
-from mim_scale.shards.format import (
-    AXIS_ORDER, CODECS, DTYPE, FORMAT_NAME, FORMAT_VERSION, HU_MAX, HU_MIN, MANIFEST_NAME, manifest_bytes,
-)
+from mim_scale.fileutil import fsync_dir
+from mim_scale.shards import dicom, formats, metrics, outputs, recipes
+from mim_scale.shards.format import CODECS, MANIFEST_NAME
 from mim_scale.shards.inputs import InputSpec, parse_inputs
-from mim_scale.shards.rejects import REASONS
+from mim_scale.shards.journal import JOURNAL_NAME, Journal, JournalState, load_journal, plan_fingerprint
 from mim_scale.shards.worker import ItemResult, WorkerSettings, WorkItem, process_item
-from mim_scale.shards.writer import TMP_SUFFIX, ShardFile, ShardInfo
+from mim_scale.shards.writer import TMP_SUFFIX, ShardFile, ShardInfo, write_durable
 
 log = logging.getLogger("mim_scale.shards")
 
@@ -131,7 +129,7 @@ def _load_salt(private_dir: Path) -> bytes:
     if path.exists():
         return bytes.fromhex(path.read_text().strip())
     salt = secrets.token_bytes(32)
-    _write_atomic(path, (salt.hex() + "\n").encode())
+    write_durable(path, (salt.hex() + "\n").encode())
     return salt
 
 
@@ -223,14 +221,6 @@ def plan_inputs(
     items = [dataclasses.replace(it, index=i) for i, it in enumerate(items)]
     rejects.sort(key=lambda r: (r.source, r.reason))
     return items, rejects
-
-
-def _plan_fingerprint(cfg: BuildConfig, items: list[WorkItem], exclude: set[str]) -> str:
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
-    for it in items:
-        h.update(json.dumps([it.key, it.kind, it.files, it.multiframe]).encode())
-    h.update(json.dumps(sorted(exclude)).encode())
-    return h.hexdigest()
 
 
 def read_exclude(path: Path) -> set[str]:
@@ -331,115 +321,10 @@ class _RayPool:
 # ---------------------------------------------------------------- the build
 
 
-def _software() -> dict[str, str]:
-    import nibabel
-    import numpy
-    import pydicom
-    import scipy
-
-    from mim_scale import __version__
-
-    return {"mim_scale": __version__, "numpy": numpy.__version__, "scipy": scipy.__version__,
-            "pydicom": pydicom.__version__, "nibabel": nibabel.__version__}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)  # the rename itself survives a power loss
-
-
-def _jsonl(records: list[dict]) -> bytes:
-    return b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in records)
-
-
 def _result_record(r: ItemResult, reason: str | None, detail: str) -> dict[str, Any]:
     return {"index": r.index, "key": r.key, "dataset": r.dataset, "source": r.source, "reason": reason,
             "detail": detail, "content_sha256": r.content_sha256, "raw_bytes": r.raw_bytes, "voxels": r.voxels,
             "face_bearing": r.face_bearing}
-
-
-@dataclass
-class JournalState:
-    """The valid prefix of a build journal. ``valid_bytes``: its length in bytes (0: no usable plan line);
-    everything after it (a line torn by a kill, records after a shard that no longer matches) is dropped."""
-
-    shards: list[ShardInfo]
-    records: list[dict]
-    next_item: int
-    valid_bytes: int
-
-
-def _journal_record(line: bytes, shards: list[ShardInfo], out: Path) -> dict | None:
-    """One complete journal line -> its record, or None when it is not valid JSON of the expected form or its
-    shard is not on disk with the recorded size and sha256."""
-    try:
-        rec = json.loads(line)
-        items, next_item, shard = rec["items"], int(rec["next_item"]), rec.get("shard")
-        if not isinstance(items, list):
-            return None
-        if shard is not None:
-            info = ShardInfo(**shard)
-            p = out / info.url
-            if (info.index != len(shards) or Path(info.url).name != info.url or not p.is_file()
-                    or p.stat().st_size != info.bytes or sha256_file(p) != info.sha256):
-                return None
-            rec["shard"] = info
-        rec["next_item"] = next_item
-        return rec
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def _load_journal(path: Path, fingerprint: str, out: Path) -> JournalState:
-    """Valid prefix of the journal: read to the last complete line whose record holds, never past it."""
-    state = JournalState([], [], 0, 0)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return state
-    end = data.find(b"\n")
-    try:
-        head = json.loads(data[:end]) if end >= 0 else None
-    except ValueError:
-        head = None
-    if not isinstance(head, dict) or head.get("plan") != fingerprint:
-        if head is not None:
-            log.info("inputs or config changed since the last build: rebuilding from scratch")
-        return state
-    state.valid_bytes = pos = end + 1
-    while True:
-        end = data.find(b"\n", pos)
-        if end < 0:
-            break  # no more complete lines (a torn last line has no newline)
-        rec = _journal_record(data[pos:end], state.shards, out)
-        if rec is None:
-            break
-        if rec["shard"] is not None:
-            state.shards.append(rec["shard"])
-        state.records.extend(rec["items"])
-        state.next_item = rec["next_item"]
-        state.valid_bytes = pos = end + 1
-    return state
-
-
-def _open_journal(path: Path, fingerprint: str, state: JournalState) -> "Any":
-    """Open the journal for appending: cut it back to its valid prefix first (so new records follow the last
-    good line instead of a torn one, where no later read would see them), or start it anew with the plan line."""
-    if state.valid_bytes == 0:
-        _write_atomic(path, (json.dumps({"plan": fingerprint}) + "\n").encode())
-    elif path.stat().st_size != state.valid_bytes:
-        log.info("journal: dropping %d byte(s) after the last valid record (a build was killed mid-write)",
-                 path.stat().st_size - state.valid_bytes)
-        with open(path, "r+b") as f:
-            f.truncate(state.valid_bytes)
-            f.flush()
-            os.fsync(f.fileno())
-    return open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by the caller
 
 
 def build_shards(
@@ -516,69 +401,147 @@ def build_shards(
 
 def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, excl: set[str], salt: bytes,
            pool: "_InProcess | _RayPool", progress: bool, t0: float) -> BuildReport:
+    """Plan, resume from the journal, roll the results into shards (:func:`_roll`), write the outputs."""
     items, discovery_rejects = plan_inputs(specs, salt, pool)
     found = CountDict(it.dataset for it in items) + CountDict(r.dataset for r in discovery_rejects if r.reason == "duplicate_series")
-    fingerprint = _plan_fingerprint(cfg, items, excl)
-    journal_path = private / "journal.jsonl"
-    state = _load_journal(journal_path, fingerprint, out)
-    shards, records, start = state.shards, state.records, state.next_item
-    if start < len(items) or not (out / MANIFEST_NAME).exists():
+    fingerprint = plan_fingerprint(cfg, items, excl)
+    journal_path = private / JOURNAL_NAME
+    state = load_journal(journal_path, fingerprint, out)
+    resumed = state.next_item
+    if resumed < len(items) or not (out / MANIFEST_NAME).exists():
         # the old manifest would describe shards that are about to change: nothing may look complete
         (out / MANIFEST_NAME).unlink(missing_ok=True)
-    resumed = start
     log.info("plan: %d volume(s) to build, %d discovery reject(s); resuming at item %d with %d shard(s) done",
-             len(items), len(discovery_rejects), start, len(shards))
-    _write_atomic(private / "build_config.json", json.dumps({
+             len(items), len(discovery_rejects), resumed, len(state.shards))
+    write_durable(private / "build_config.json", json.dumps({
         "config": dataclasses.asdict(cfg), "inputs": [{"path": str(s.path), "dataset": s.dataset} for s in specs],
         "private_dir": str(private), "out": str(out)}, indent=1, sort_keys=True).encode())
 
-    seen_content = {r["content_sha256"]: r["key"] for r in records if r["reason"] is None and r["content_sha256"]}
-    settings = cfg.worker_settings()
-    todo = items[start:]
-    bar = _progress(len(items), start, progress)
-    current: ShardFile | None = None
-    pending: list[dict] = []  # records since the last journal checkpoint
-    built_now = 0
-    rejected_now = 0
-    peak_rss = 0
-    worker_seconds = 0.0
-    journal = _open_journal(journal_path, fingerprint, state)
+    bar = _progress(len(items), resumed, progress)
+    roller = _ShardRoller(out, cfg, Journal(journal_path, fingerprint, state), state)
+    counts = _roll(roller, pool, items, resumed, excl, cfg.worker_settings(), bar)
 
-    def checkpoint(next_item: int, shard: ShardInfo | None) -> None:
-        rec = {"next_item": next_item, "items": pending, "shard": dataclasses.asdict(shard) if shard else None}
-        journal.write(json.dumps(rec, sort_keys=True) + "\n")
-        journal.flush()
-        os.fsync(journal.fileno())
-        records.extend(pending)
-        pending.clear()
+    # remove shards of an earlier, longer build in the same folder
+    for p in out.glob("shard-*.tar"):
+        if p.name not in {s.url for s in roller.shards}:
+            p.unlink()
+    if resumed == 0:
+        for r in discovery_rejects:
+            metrics.VOLUMES_REJECTED.labels(reason=r.reason).inc()
+    summary = outputs.summarize(roller.records, [r.as_dict() for r in discovery_rejects])
+    outputs.write_outputs(out, private, cfg, roller.shards, summary, found)
+    metrics.write_textfile(private / "metrics.prom")
+    built = summary.built
+    report = BuildReport(
+        out=out, private_dir=private, manifest_path=out / MANIFEST_NAME, num_samples=len(built),
+        num_shards=len(roller.shards), shard_bytes=sum(s.bytes for s in roller.shards),
+        raw_bytes=sum(r["raw_bytes"] for r in built), voxels=sum(r["voxels"] for r in built),
+        datasets=summary.datasets, rejected=summary.rejected, built_now=counts.built_now, resumed_items=resumed,
+        seconds=time.perf_counter() - t0, workers=pool.workers, peak_worker_rss_bytes=counts.peak_rss,
+        worker_seconds=counts.worker_seconds, found=dict(sorted(found.items())),
+    )
+    log.info("built %d volume(s) into %d shard(s); %d input(s) rejected (%s); details in %s",
+             report.num_samples, report.num_shards, len(summary.rejects),
+             ", ".join(f"{k}={v}" for k, v in summary.rejected.items()) or "none", "rejects.jsonl of the private dir")
+    faces = sum(1 for r in built if r.get("face_bearing"))
+    if faces:
+        log.warning("%d built volume(s) may show a face (head CT): face_bearing in linkage.jsonl of the private dir; "
+                    "the builder does not deface", faces)
+    return report
 
-    def close_shard(next_item: int) -> None:
-        nonlocal current
-        assert current is not None
+
+# ---------------------------------------------------------------- rolling results into shards
+
+
+class _ShardRoller:
+    """Built samples, in plan order -> shards of about ``cfg.target_shard_bytes``.
+
+    State: ``shards`` (closed, in order) and ``records`` (journalled item records), both continuing the
+    journal's valid prefix; ``pending`` (item records since the last journal line); ``current`` (the open
+    shard, if any). A shard is closed, its rename fsynced, and only then recorded in the journal together
+    with the pending records, so a resumed build never trusts a shard that might not be on disk."""
+
+    def __init__(self, out: Path, cfg: BuildConfig, journal: Journal, state: JournalState):
+        self.out = out
+        self.cfg = cfg
+        self.journal = journal
+        self.shards = state.shards
+        self.records = state.records
+        self.pending: list[dict] = []
+        self.current: ShardFile | None = None
+
+    def add(self, res: ItemResult) -> None:
+        """Append a built sample, first closing the open shard when the sample would push it past the target."""
+        sample_bytes = len(res.volume_bytes) + len(res.meta_bytes) + 2048
+        cur = self.current
+        if cur is not None and cur.samples and cur.bytes_written + sample_bytes > self.cfg.target_shard_bytes:
+            self.close_shard(res.index)
+        if self.current is None:
+            self.current = ShardFile(self.out, len(self.shards))
+        self.current.add(res.key, [(self.cfg.codec, res.volume_bytes), ("json", res.meta_bytes)], res.dataset)
+
+    def close_shard(self, next_item: int) -> None:
+        assert self.current is not None
         try:
-            info = current.finish()
+            info = self.current.finish()
         except OSError:
-            current.abort()
+            self.current.abort()
             raise
         metrics.BYTES_WRITTEN.inc(info.bytes)
-        shards.append(info)
-        current = None
-        fsync_dir(out)  # the shard's rename is durable before the journal says it is done
-        checkpoint(next_item, info)
+        self.shards.append(info)
+        self.current = None
+        fsync_dir(self.out)  # the shard's rename is durable before the journal says it is done
+        self._checkpoint(next_item, info)
 
-    def results() -> Iterator[ItemResult]:
-        # excluded keys are never built; the rest come back from the pool in plan order
-        built_iter = pool.map_ordered([it for it in todo if it.key not in excl], settings)
-        for it in todo:
-            if it.key in excl:
-                yield ItemResult(it.index, it.key, it.dataset, it.source, reason="excluded", detail="sample key listed in the exclude file")
-            else:
-                yield next(built_iter)
+    def finish(self, total_items: int) -> None:
+        """Close the last shard and write the journal's closing line."""
+        if self.current is not None:
+            self.close_shard(total_items)
+        self._checkpoint(total_items, None)
 
+    def abort(self) -> None:
+        if self.current is not None:
+            self.current.abort()
+
+    def _checkpoint(self, next_item: int, shard: ShardInfo | None) -> None:
+        self.journal.checkpoint(next_item, self.pending, shard)
+        self.records.extend(self.pending)
+        self.pending = []
+
+
+@dataclass
+class _RollCounts:
+    """This run's counts (a resumed build's earlier items are not in them)."""
+
+    built_now: int = 0
+    rejected_now: int = 0
+    peak_rss: int = 0
+    worker_seconds: float = 0.0
+
+
+def _results(pool: "_InProcess | _RayPool", todo: list[WorkItem], excl: set[str],
+             settings: WorkerSettings) -> Iterator[ItemResult]:
+    """One result per item of ``todo``, in plan order: excluded keys are never built, the rest come back from
+    the pool."""
+    built_iter = pool.map_ordered([it for it in todo if it.key not in excl], settings)
+    for it in todo:
+        if it.key in excl:
+            yield ItemResult(it.index, it.key, it.dataset, it.source, reason="excluded", detail="sample key listed in the exclude file")
+        else:
+            yield next(built_iter)
+
+
+def _roll(roller: _ShardRoller, pool: "_InProcess | _RayPool", items: list[WorkItem], start: int, excl: set[str],
+          settings: WorkerSettings, bar: "_progress") -> _RollCounts:
+    """Build ``items[start:]`` and roll them into shards; a built sample whose content (or key) is excluded or
+    already built is rejected. Closes the journal and the bar; an OSError while writing aborts the open shard
+    and becomes a UserFacingError (a re-run resumes)."""
+    counts = _RollCounts()
+    seen_content = {r["content_sha256"]: r["key"] for r in roller.records if r["reason"] is None and r["content_sha256"]}
     try:
-        for res in results():
-            peak_rss = max(peak_rss, res.peak_rss_bytes)
-            worker_seconds += res.seconds
+        for res in _results(pool, items[start:], excl, settings):
+            counts.peak_rss = max(counts.peak_rss, res.peak_rss_bytes)
+            counts.worker_seconds += res.seconds
             reason, detail = res.reason, res.detail
             if reason is None:
                 if res.content_sha256 in excl or res.key in excl:
@@ -586,94 +549,23 @@ def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, e
                 elif res.content_sha256 in seen_content:
                     reason, detail = "duplicate_content", f"same voxels as sample {seen_content[res.content_sha256]}"
             if reason is None:
-                sample_bytes = len(res.volume_bytes) + len(res.meta_bytes) + 2048
-                if current is not None and current.samples and current.bytes_written + sample_bytes > cfg.target_shard_bytes:
-                    close_shard(res.index)
-                if current is None:
-                    current = ShardFile(out, len(shards))
-                current.add(res.key, [(cfg.codec, res.volume_bytes), ("json", res.meta_bytes)], res.dataset)
+                roller.add(res)
                 seen_content[res.content_sha256] = res.key
                 metrics.VOLUMES_BUILT.inc()
-                built_now += 1
+                counts.built_now += 1
             else:
                 metrics.VOLUMES_REJECTED.labels(reason=reason).inc()
-                rejected_now += 1
-            pending.append(_result_record(res, reason, detail))
-            bar.update(built_now, rejected_now)
-        if current is not None:
-            close_shard(len(items))
-        checkpoint(len(items), None)
+                counts.rejected_now += 1
+            roller.pending.append(_result_record(res, reason, detail))
+            bar.update(counts.built_now, counts.rejected_now)
+        roller.finish(len(items))
     except OSError as exc:
-        if current is not None:
-            current.abort()
-        raise UserFacingError(f"writing shards to {out} failed: {exc.strerror or exc} (re-run to resume)") from exc
+        roller.abort()
+        raise UserFacingError(f"writing shards to {roller.out} failed: {exc.strerror or exc} (re-run to resume)") from exc
     finally:
-        journal.close()
+        roller.journal.close()
         bar.close()
-
-    # remove shards of an earlier, longer build in the same folder
-    for p in out.glob("shard-*.tar"):
-        if p.name not in {s.url for s in shards}:
-            p.unlink()
-
-    all_rejects = [r.as_dict() for r in discovery_rejects] + [
-        {"source": r["source"], "reason": r["reason"], "detail": r["detail"], "dataset": r["dataset"], "key": r["key"]}
-        for r in records if r["reason"]
-    ]
-    for r in discovery_rejects:
-        if resumed == 0:
-            metrics.VOLUMES_REJECTED.labels(reason=r.reason).inc()
-    built = [r for r in records if r["reason"] is None]
-    datasets = dict(sorted(CountDict(r["dataset"] for r in built).items()))
-    reasons = dict(sorted(CountDict(r["reason"] for r in all_rejects).items()))
-    manifest = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "axis_order": AXIS_ORDER,
-        "dtype": DTYPE,
-        "codec": cfg.codec,
-        "hu_range": [HU_MIN, HU_MAX],
-        "spacing_mm": cfg.spacing,
-        "num_samples": len(built),
-        "datasets": datasets,
-        "shards": [{"url": s.url, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256, "datasets": s.datasets} for s in shards],
-        "build_config": dataclasses.asdict(cfg),
-        "software": _software(),
-    }
-    public_report = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "num_samples": len(built), "num_shards": len(shards),
-        "datasets": datasets, "found": dict(sorted(found.items())), "rejected": reasons, "rejected_total": len(all_rejects),
-        "reason_descriptions": {k: REASONS[k] for k in reasons},
-    }
-    try:
-        _write_atomic(private / "rejects.jsonl", _jsonl(all_rejects))
-        _write_atomic(private / "linkage.jsonl", _jsonl([
-            {"key": r["key"], "source": r["source"], "dataset": r["dataset"], "content_sha256": r["content_sha256"],
-             "face_bearing": r.get("face_bearing", "")}
-            for r in built
-        ]))
-        _write_atomic(out / "build_report.json", (json.dumps(public_report, indent=1, sort_keys=True) + "\n").encode())
-        # the manifest goes last: its presence means the whole set is complete
-        _write_atomic(out / MANIFEST_NAME, manifest_bytes(manifest))
-    except OSError as exc:
-        raise UserFacingError(f"writing the manifest and reports failed: {exc.strerror or exc} (re-run to finish)") from exc
-    metrics.write_textfile(private / "metrics.prom")
-    seconds = time.perf_counter() - t0
-    report = BuildReport(
-        out=out, private_dir=private, manifest_path=out / MANIFEST_NAME, num_samples=len(built), num_shards=len(shards),
-        shard_bytes=sum(s.bytes for s in shards), raw_bytes=sum(r["raw_bytes"] for r in built),
-        voxels=sum(r["voxels"] for r in built), datasets=datasets, rejected=reasons, built_now=built_now,
-        resumed_items=resumed, seconds=seconds, workers=pool.workers, peak_worker_rss_bytes=peak_rss,
-        worker_seconds=worker_seconds, found=dict(sorted(found.items())),
-    )
-    log.info("built %d volume(s) into %d shard(s); %d input(s) rejected (%s); details in %s",
-             report.num_samples, report.num_shards, len(all_rejects),
-             ", ".join(f"{k}={v}" for k, v in reasons.items()) or "none", "rejects.jsonl of the private dir")
-    faces = sum(1 for r in built if r.get("face_bearing"))
-    if faces:
-        log.warning("%d built volume(s) may show a face (head CT): face_bearing in linkage.jsonl of the private dir; "
-                    "the builder does not deface", faces)
-    return report
+    return counts
 
 
 class _progress:

@@ -18,6 +18,14 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 TMP_SUFFIX = ".tmp"
 
 
+def write_durable(path: Path, data: bytes) -> None:
+    """A build's small file (journal head, salt, reports, manifest): atomic, fsynced, its rename fsynced, under
+    the temporary name a next build sweeps (``*`` + TMP_SUFFIX)."""
+    from mim_scale.fileutil import write_atomic
+
+    write_atomic(path, data, tmp_path=path.with_name(path.name + TMP_SUFFIX), sync_dir=True)
+
+
 def open_output(path: Path) -> BinaryIO:
     """Open a shard file for writing (the one place output is opened, so tests can inject ENOSPC)."""
     return open(path, "wb")  # noqa: SIM115 - closed by ShardFile

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mim_scale import fileutil
 from mim_scale.shards import builder
 from mim_scale.shards.builder import build_shards
 from mim_scale.shards.synth import phantom, write_nifti
@@ -69,8 +70,10 @@ def test_a_torn_plan_line_starts_the_journal_anew(inputs, tmp_path):
 
 def test_directories_are_fsynced_after_renames(inputs, tmp_path, monkeypatch):
     synced: list[Path] = []
-    real = builder.fsync_dir
-    monkeypatch.setattr(builder, "fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
+    real = fileutil.fsync_dir
+    spy = lambda p: (synced.append(Path(p)), real(p))  # noqa: E731
+    monkeypatch.setattr(builder, "fsync_dir", spy)  # after a shard's rename
+    monkeypatch.setattr(fileutil, "fsync_dir", spy)  # after the atomic writes' renames (journal, salt, manifest, ...)
     out = tmp_path / "out"
     rep = _build(inputs, out)
     # one fsync of OUT per closed shard (before the journal records it), and after the manifest's rename
