@@ -18,8 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 
 def bench_wait(args) -> dict:
     from mim_scale.config import load_config
@@ -53,10 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--loader-workers", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mim-scale" / "torch_extensions"))
-    torch.set_num_threads(1)
-    bench_wait(args)
+    bench_wait(parser.parse_args(argv))  # the ranks are spawned by launch_local, with its thread and extension settings
     return 0
 
 
