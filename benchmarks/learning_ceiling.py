@@ -1,14 +1,16 @@
-"""How much of the masked tokens' target a direct fit on their visible neighbours explains, per MiM level.
+"""Learning ceiling: how much of the masked tokens' target a direct fit on their visible neighbours explains.
 
-For every masked token: the 6 face neighbours' coarse content (mean and the 3 first moments of their
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/learning_ceiling.py \\
+        --ct /work/shared/data/ct/abdomen_pelvis_ct.nii.gz                     # CPU, tiny config, ~2 min
+
+Per MiM level, for every masked token: the 6 face neighbours' coarse content (mean and the 3 first moments of their
 voxels, standardised by the visible neighbours' means; zeros and a flag where a neighbour is masked or
 outside the view), plus the products of the neighbours' means. A ridge regression from those to the
 per-patch normalised 8^3 target is fitted on training crops and scored on the learning test's validation
 set (tests/model/test_learning.py: 4 crops, seed 1), beside the loss of predicting zeros. It says what a
 purpose-built local predictor reaches with as many crops as the test's 200 steps see, which puts the
-issue's 200-step bar (each level below 0.7x its step-0 loss) in proportion. Tiny config, CPU, ~2 min::
-
-    .venv/bin/python scripts/learning_ceiling.py --ct ../shared/data/ct/abdomen_pelvis_ct.nii.gz
+issue's 200-step bar (each level below 0.7x its step-0 loss) in proportion. The baseline (zeros) is scored
+on the same validation set in the same run.
 """
 
 from __future__ import annotations
