@@ -1,18 +1,22 @@
-"""AdamW parameter groups (weight decay, layer-wise lr decay) and the warm-up + cosine schedule.
+"""AdamW parameter groups with layer-wise lr decay, and the lr in absolute units, for fine-tuning.
+
+Built on :mod:`mim_scale.model.optim` (which parameters decay, the warm-up + cosine shape), shared with
+pre-training.
 
 Layer-wise decay (BEiT/MAE fine-tuning): encoder parameters get ``lr * decay ** (L + 1 - layer)``,
 where ``layer`` counts the encoder's units in registration order (a unit is each member of a
 ``ModuleList``/``Sequential`` of blocks, or a parameter-bearing module with no block list below it;
 parameters held directly by a container come first, as layer 0) and ``L`` is the number of units.
-Everything outside the encoder (new stage, decoder, head) is layer ``L + 1`` at the full rate. Biases,
-norm weights and other 1-D parameters get no weight decay.
+Everything outside the encoder (new stage, decoder, head) is layer ``L + 1`` at the full rate. Weight decay
+as in pre-training (:func:`mim_scale.model.optim.decays`): none on biases, norm weights and other 1-D
+parameters.
 """
 
 from __future__ import annotations
 
-import math
-
 from torch import nn
+
+from mim_scale.model.optim import decays, warmup_cosine
 
 
 def encoder_units(encoder: nn.Module) -> list[str]:
@@ -65,7 +69,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
         if not p.requires_grad:
             continue
         layer = ids.get(name[len(prefix):], 0) if name.startswith(prefix) else num_layers + 1
-        no_decay = p.ndim <= 1 or name.endswith(".bias")
+        no_decay = not decays(name, p)
         key = (layer, no_decay)
         if key not in groups:
             groups[key] = {
@@ -81,8 +85,4 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
 def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
     """Linear warm-up over ``warmup_steps`` (step 0 gets base_lr / warmup), then half-cosine to min_lr."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return warmup_cosine(step, warmup_steps, total_steps, low=min_lr, high=base_lr)
