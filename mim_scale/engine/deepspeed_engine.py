@@ -6,13 +6,13 @@ The model never sees torch.distributed: DeepSpeed applies data parallelism and Z
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 import torch
 
 from mim_scale.config import Config
+from mim_scale.model.optim import param_groups, warmup_cosine  # the AdamW groups and schedule every trainer shares
 
 
 def effective_lr(cfg: Config) -> float:
@@ -23,33 +23,13 @@ def effective_lr(cfg: Config) -> float:
 
 
 def lr_multiplier(step: int, cfg: Config, peak_lr: float) -> float:
-    """Linear warm-up over ``warmup_steps``, then half-cosine down to ``min_lr`` at ``steps``.
+    """Linear warm-up over ``warmup_steps``, then half-cosine down to ``min_lr`` at ``steps``
+    (:func:`mim_scale.model.optim.warmup_cosine`).
 
     Returned as a multiplier of the peak lr (what LambdaLR wants); ``step`` counts optimizer steps.
     """
     t = cfg.train
-    if t.warmup_steps and step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    span = max(1, t.steps - t.warmup_steps)
-    progress = min(1.0, (step - t.warmup_steps) / span)
-    floor = min(1.0, t.min_lr / peak_lr)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: decayed weights, and biases / norms / embeddings / tokens with no decay."""
-    try:
-        from mim_scale.model import param_groups as model_groups
-
-        return model_groups(model, weight_decay)
-    except ImportError:
-        pass
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return warmup_cosine(step, t.warmup_steps, t.steps, low=min(1.0, t.min_lr / peak_lr))
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
