@@ -207,7 +207,23 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if loop_config.get("logs_shared") or ray.get_runtime_context().get_node_id() == loop_config.get("driver_node"):
                 stack.enter_context(_output_to(run_dir / rundir.worker_log(rank), rank))
         configure_logging()
-        _train_worker(loop_config, cfg, run_dir, rank, world)
+        try:
+            _train_worker(loop_config, cfg, run_dir, rank, world)
+        except BaseException as exc:
+            _keep_traceback(exc)
+            raise
+
+
+def _keep_traceback(exc: BaseException) -> None:
+    """Attach this worker's traceback text to ``exc`` (``exc.mim_traceback``): Ray Train's controller hands its
+    callbacks the bare exception, whose traceback does not survive pickling, but its attributes do
+    (:func:`mim_scale.launcher.watch.describe_failure` prints it on the driver)."""
+    import traceback
+
+    try:
+        exc.mim_traceback = "".join(traceback.format_exception(exc))
+    except Exception:  # noqa: BLE001 - an exception type that refuses attributes: Ray's text is still there
+        pass
 
 
 def _quiet_worker() -> None:
@@ -514,7 +530,7 @@ def _pretrain(cfg: Config, name: str, storage: str, run_dir: Path, *, init: Path
             checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
         except Exception as exc:  # noqa: BLE001 - reported to the caller with the run folder
             error, metrics, checkpoint = exc, {}, None
-            log.error("training failed: %s", exc)  # the whole of it, in RUN/logs/driver.log
+            log.info("training failed: %s", exc)  # the whole of it, in RUN/logs/driver.log (the watcher shows it)
     except BaseException as exc:
         driver.write("failed", error=f"{type(exc).__name__}: {exc}")
         raise

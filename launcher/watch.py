@@ -12,7 +12,7 @@ Everything comes from what the workers and Ray's controller report into the driv
   SIGKILL, a lost node).
 
 :class:`RunWatcher` polls them from a thread and draws a :class:`mim_scale.console.Progress` line:
-step/total, crops/s, losses, data wait, ETA, last checkpoint, restarts. A failure is printed above the line
+step/total, crops/s, total and per-level reconstruction loss, data wait, ETA, last checkpoint, restarts. A failure is printed above the line
 at once with the tail of its traceback and the log file that holds the rest (``logs/rank-N.log``).
 """
 
@@ -40,11 +40,13 @@ def describe_failure(exc: BaseException) -> dict[str, str]:
     base = getattr(exc, "_base_exc", None)  # ray.train's UserExceptionWithTraceback: str() is the traceback
     if isinstance(base, BaseException):
         return {"kind": "error", "type": type(base).__name__, "message": str(base).strip(),
-                "traceback": str(exc).strip()}
+                "traceback": str(getattr(base, "mim_traceback", None) or exc).strip()}
     died = getattr(exc, "health_check_failure", None)  # WorkerHealthCheckFailedError
     if died is not None:
         return {"kind": "died", "type": type(died).__name__, "message": str(exc).strip(), "traceback": ""}
-    return {"kind": "error", "type": type(exc).__name__, "message": str(exc).strip(), "traceback": ""}
+    # the bare exception (what the controller's callbacks get); train_worker attached its traceback text
+    return {"kind": "error", "type": type(exc).__name__, "message": str(exc).strip(),
+            "traceback": str(getattr(exc, "mim_traceback", "") or "").strip()}
 
 
 class ControllerEvents(UserCallback):
@@ -156,7 +158,8 @@ class RunWatcher:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
         self.poll()  # what arrived after the last poll
 
     def _run(self) -> None:
@@ -183,8 +186,9 @@ class RunWatcher:
             attempts = self._attempts()
             if attempts > self._attempts_seen:
                 if self._attempts_seen > self._attempts0:  # not this launch's first start: a restart
-                    start = f"the step-{self.last_checkpoint} checkpoint" if self.last_checkpoint else "the start"
-                    self.progress.write(f"restart {attempts - 1}: the worker group starts again from {start}")
+                    start = (f"from the step-{self.last_checkpoint} checkpoint" if self.last_checkpoint
+                             else "from step 0 (no checkpoint yet)")
+                    self.progress.write(f"restart {attempts - 1}: the worker group starts again {start}")
                 self._attempts_seen = attempts
                 self._rate_origin = None
                 self._status = "building the engines"
@@ -246,18 +250,15 @@ class RunWatcher:
             step_s = r.get("step_seconds")
             if step_s and r.get("crops_per_step"):
                 parts.append(f"{float(r['crops_per_step']) / float(step_s):.1f} crops/s")
-            if "total" in r:
-                rec = "/".join(f"{float(r[k]):.3f}" for k in sorted(r) if k.startswith("rec_"))
-                align = "/".join(f"{float(r[k]):.3f}" for k in sorted(r) if k.startswith("align_"))
-                loss = f"loss {float(r['total']):.3f}" + (f" (rec {rec}" if rec else "") + \
-                       (f", align {align})" if align else (")" if rec else ""))
-                parts.append(loss)
+            if "total" in r:  # the total, and the reconstruction loss per level (alignment: history, TensorBoard)
+                rec = "/".join(f"{float(r[k]):.2f}" for k in sorted(r) if k.startswith("rec_"))
+                parts.append(f"loss {float(r['total']):.2f}" + (f" rec {rec}" if rec else ""))
             if r.get("data_wait_seconds") is not None:
-                parts.append(f"data wait {float(r['data_wait_seconds']):.2f} s")
+                parts.append(f"wait {float(r['data_wait_seconds']):.2f}s")
             parts.append(f"ETA {fmt_seconds(self._eta_seconds(int(r['step'])))}")
         parts.append(f"ckpt {self.last_checkpoint if self.last_checkpoint is not None else '-'}")
         parts.append(f"restarts {self.restarts()}")
-        return " | ".join(parts)
+        return "  ".join(parts)  # fits a 120-column terminal beside the bar
 
     def _draw(self) -> None:
         self.progress.update(int(self.record.get("step", 0)) if self.record else None, self.text())

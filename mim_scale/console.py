@@ -101,15 +101,16 @@ class _OursOrErrors(logging.Filter):
 
 
 class _ToFiles(logging.Filter):
-    """On a third-party logger with its own terminal handler: records below ERROR go to our log files only."""
+    """On a third-party logger with its own terminal handler: every record goes to our log files, and only
+    errors go on to that handler (the terminal)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR:
-            return True
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
-                handler.handle(record)
-        return False
+        if not getattr(record, "_mim_filed", False):  # once, though both the logger and its handler filter it
+            record._mim_filed = True
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+                    handler.handle(record)
+        return record.levelno >= logging.ERROR
 
 
 _TO_FILES = _ToFiles()
@@ -225,7 +226,7 @@ class Progress:
             width = _terminal_columns(self.stream)
             self._bar = tqdm(total=self.total, desc=desc, unit=unit, file=self.stream, leave=True,
                              dynamic_ncols=width > 0, ncols=None if width > 0 else 120, nrows=None if width > 0 else 40,
-                             bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} {unit}s{postfix}")
+                             bar_format="{desc} {bar:10} {n_fmt}/{total_fmt} {unit}s{postfix}")
 
     def update(self, n: int | None = None, text: str | None = None) -> None:
         """Move to position ``n`` (absolute: a restart may go back) and/or show ``text`` beside it."""
