@@ -133,11 +133,11 @@ class RunFiles:
         write_atomic(path, text)
 
     def write_bytes(self, name: str, data: bytes) -> None:
+        from mim_scale.fileutil import write_atomic
+
         path = self.path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        write_atomic(path, data)
 
     def append_line(self, name: str, line: str) -> None:
         """Append one line (a newline is added); a line torn by a writer killed mid-append is cut first."""

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mim_scale.errors import UserFacingError
+from mim_scale.fileutil import write_atomic
 
 STEP_PREFIX = "step_"
 
@@ -104,9 +105,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, tree: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(tree, indent=2))  # key order matters: class order = channel order
-    tmp.replace(path)
+    write_atomic(path, json.dumps(tree, indent=2))  # key order matters: class order = channel order
 
 
 def write_json(path: Path, tree: dict[str, Any]) -> None:

@@ -84,6 +84,8 @@ class ValidationSet:
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
 
+        from mim_scale.fileutil import atomic_path
+
         path = Path(path)
         tensors = {"crops": self.crops.contiguous()}
         tensors.update({f"draw.{k}": v.contiguous() for k, v in self.draw.tensors().items()})
@@ -91,9 +93,8 @@ class ValidationSet:
         meta = {"format": FORMAT, "version": VERSION, "model": json.dumps(self.model), "masking": json.dumps(self.masking),
                 "seed": str(self.seed), "source": self.source}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod
