@@ -35,11 +35,11 @@ from typing import Any, Iterator
 from mim_scale.errors import UserFacingError
 from mim_scale.fileutil import fsync_dir
 from mim_scale.shards import dicom, formats, metrics, outputs, recipes
-from mim_scale.shards.format import CODECS, MANIFEST_NAME
+from mim_scale.shards.format import CODECS, MANIFEST_NAME, ShardInfo
 from mim_scale.shards.inputs import InputSpec, parse_inputs
 from mim_scale.shards.journal import JOURNAL_NAME, Journal, JournalState, load_journal, plan_fingerprint
 from mim_scale.shards.worker import ItemResult, WorkerSettings, WorkItem, process_item
-from mim_scale.shards.writer import TMP_SUFFIX, ShardFile, ShardInfo, write_durable
+from mim_scale.shards.writer import TMP_SUFFIX, ShardFile, write_durable
 
 log = logging.getLogger("mim_scale.shards")
 

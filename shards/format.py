@@ -35,6 +35,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,21 @@ def encode_volume(volume: np.ndarray, codec: str, level: int = 1) -> bytes:
     if codec == "npy.gz":
         return gzip.compress(raw, compresslevel=level, mtime=0)
     raise ValueError(f"unknown codec {codec!r}; expected one of {CODECS}")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as the manifest lists it (its ``shards`` entries): what the builder records when it closes a
+    shard and what the stream reads back. ``sha256`` and ``bytes`` bound and check a whole-shard read ("" / 0:
+    unknown); ``index`` is the shard's position in its build (the journal checks it; 0 when read from a
+    manifest)."""
+
+    url: str
+    samples: int
+    datasets: dict[str, int] = dataclasses.field(default_factory=dict)
+    sha256: str = ""
+    bytes: int = 0
+    index: int = 0
 
 
 def decode_volume(data: bytes, codec: str) -> np.ndarray:

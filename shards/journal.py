@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from mim_scale.fileutil import sha256_file
-from mim_scale.shards.writer import ShardInfo, write_durable
+from mim_scale.shards.format import ShardInfo
+from mim_scale.shards.writer import write_durable
 
 log = logging.getLogger("mim_scale.shards")
 

@@ -20,8 +20,9 @@ from typing import Any
 from mim_scale.errors import UserFacingError
 from mim_scale.shards.format import AXIS_ORDER, DTYPE, FORMAT_NAME, FORMAT_VERSION, HU_MAX, HU_MIN, MANIFEST_NAME, \
     manifest_bytes
+from mim_scale.shards.format import ShardInfo
 from mim_scale.shards.rejects import REASONS
-from mim_scale.shards.writer import ShardInfo, write_durable
+from mim_scale.shards.writer import write_durable
 
 
 @dataclass

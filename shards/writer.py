@@ -10,9 +10,10 @@ import hashlib
 import io
 import os
 import tarfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+from mim_scale.shards.format import ShardInfo
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 TMP_SUFFIX = ".tmp"
@@ -47,16 +48,6 @@ class _HashingWriter:
 
     def tell(self) -> int:
         return self.size
-
-
-@dataclass
-class ShardInfo:
-    index: int
-    url: str
-    samples: int
-    bytes: int
-    sha256: str
-    datasets: dict[str, int] = field(default_factory=dict)
 
 
 class ShardFile:
@@ -95,7 +86,8 @@ class ShardFile:
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp_path, self.final_path)
-        return ShardInfo(self.index, self.url, self.samples, self._hw.size, self._hw.sha.hexdigest(), dict(sorted(self.datasets.items())))
+        return ShardInfo(url=self.url, samples=self.samples, datasets=dict(sorted(self.datasets.items())),
+                         sha256=self._hw.sha.hexdigest(), bytes=self._hw.size, index=self.index)
 
     def abort(self) -> None:
         # a stream-mode tar flushes its buffer when collected: mark it closed so nothing more is written
