@@ -41,7 +41,6 @@ import random
 import re
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,19 +51,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mim_scale.config import DataConfig
 from mim_scale.errors import UserFacingError
+# the manifest's shard entry (sha256 checked where a shard is read whole, see CropStream._members; bytes bound
+# that read) and the sample decoder are the shard format's
+from mim_scale.shards.format import ShardInfo, decode_sample
 
 log = logging.getLogger(__name__)
 
 AIR_HU = -1000
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    url: str
-    samples: int
-    datasets: dict[str, int]
-    sha256: str = ""  # from the manifest; checked where a shard is read whole (see CropStream._members)
-    bytes: int = 0  # from the manifest; bounds what that read may take (0: unknown)
 
 
 # A shard URL in a manifest: a relative name inside the manifest's folder or S3 prefix, path segments of
@@ -224,13 +217,6 @@ def shard_weights(shards: list[ShardInfo], mixture: dict[str, float]) -> list[fl
 def _rng(*parts: int | str) -> random.Random:
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "little"))
-
-
-def decode_volume(sample: dict[str, Any]) -> tuple[np.ndarray, dict]:
-    """A raw WebDataset sample (bytes per extension) -> (int16 volume (D, H, W), metadata)."""
-    from mim_scale.shards.format import decode_sample
-
-    return decode_sample(sample)
 
 
 def crop_box(shape: tuple[int, ...], size: int,
@@ -429,7 +415,7 @@ class CropStream(IterableDataset):
         if "__error__" in sample:
             return None
         try:
-            volume, meta = decode_volume(sample)
+            volume, meta = decode_sample(sample)
             if volume.ndim != 3 or volume.dtype != np.int16:
                 raise ValueError(f"expected a 3-D int16 volume, got {volume.dtype} {volume.shape}")
             return volume, meta
