@@ -16,8 +16,10 @@ _NO_DECAY_NAMES = ("pos_embed", "mask_token")
 
 def decays(name: str, param: nn.Parameter) -> bool:
     """Whether AdamW weight decay applies: weight matrices and conv kernels only; not biases and norm weights
-    (every parameter with fewer than 2 dimensions), position embeddings or the mask token."""
-    return param.ndim >= 2 and not any(key in name for key in _NO_DECAY_NAMES)
+    (every parameter with fewer than 2 dimensions), position embeddings or the mask token. A parameter built
+    under ZeRO-3's ``deepspeed.zero.Init`` is an empty shard: its dimensions are those of ``ds_shape``."""
+    ndim = len(param.ds_shape) if hasattr(param, "ds_shape") else param.ndim
+    return ndim >= 2 and not any(key in name for key in _NO_DECAY_NAMES)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
