@@ -63,17 +63,41 @@ def _pretrain(args: argparse.Namespace) -> int:
 
         return rehearse(cfg, steps=args.rehearse_steps, price_per_device_hour=args.price_per_device_hour,
                         break_stage=args.rehearse_break, init=init, env=dict(args.env))
+    from mim_scale import console, rundir
+    from mim_scale.launcher.ray_train import describe_error
     from mim_scale.plan import format_plan, make_plan
 
-    print(format_plan(make_plan(cfg)), flush=True)  # the recipe every worker resolves again (RUN/recipe.json)
-    result = pretrain(cfg, init=init, fault=args.fault, env=dict(args.env))
-    print(json.dumps({"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-                      "seconds": round(result.seconds, 1),
-                      "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}},
-                     indent=1))
+    if not args.json:
+        print(format_plan(make_plan(cfg)), flush=True)  # the recipe every worker resolves again (RUN/recipe.json)
+    result = pretrain(cfg, init=init, fault=args.fault, env=dict(args.env), show=not args.json)
+    if args.json:
+        print(json.dumps({"run_dir": str(result.run_dir),
+                          "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                          "seconds": round(result.seconds, 1), "error": describe_error(result.error) if result.error else None,
+                          "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}},
+                         indent=1))
+    logs = result.run_dir / rundir.LOGS_DIR
     if result.error is not None:
-        print(f"mim-scale pretrain: the run failed: {result.error}", file=sys.stderr)
+        console.error(f"mim-scale pretrain: the run failed: {describe_error(result.error)}\n"
+                      f"  logs: {logs} (driver.log, rank-N.log, events.jsonl)\n"
+                      f"  resume: the same command (same --name and --storage) continues from the last checkpoint")
         return 1
+    if not args.json:
+        m = result.metrics
+        losses = ", ".join(f"{k} {m[k]:.4f}" for k in m if k.startswith(("total", "rec_", "val_rec_"))
+                           and isinstance(m[k], (int, float)))
+        console.out(f"\npre-training done in {console.fmt_seconds(result.seconds)}: step {m.get('step')}, {losses}")
+        console.out(console.table([
+            ("run folder", str(result.run_dir)),
+            ("checkpoint", str(result.checkpoint)),
+            ("pictures", str(result.run_dir / rundir.PICTURES_DIR)),
+            ("TensorBoard", f"tensorboard --logdir {result.run_dir.parent}"),
+            ("logs", f"{logs} (driver.log, rank-N.log, events.jsonl)"),
+        ]))
+        console.out("\nNext:\n" + console.table([
+            ("the run", f"mim-scale report {result.run_dir}"),
+            ("export", f"mim-scale export {result.run_dir} --out EXPORT_DIR"),
+        ]))
     return 0
 
 
@@ -132,6 +156,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start from an exported encoder (safetensors), never from a pickled checkpoint")
     p.add_argument("--env", type=_env, action="append", default=[], metavar="KEY=VALUE",
                    help="environment for every worker (repeatable; names in $MIM_SCALE_FORWARD_ENV are passed on too)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (no plan, no progress line)")
     p.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # failure drills: raise|kill:RANK:STEP
     p.add_argument("--rehearse", action="store_true",
                    help="rehearse this run on its cluster first: a few steps, a checkpoint, a worker kill and the "

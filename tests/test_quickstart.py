@@ -1,14 +1,19 @@
-"""The quickstart path end to end, watched by a real Prometheus server (issues 2 and 7).
+"""The quickstart path end to end, watched by a real Prometheus server (issues 2, 7 and 20).
 
 Real sample CT -> shards -> local Ray, 2 DeepSpeed ZeRO-2 workers training the tiny MiM (one worker is
 made to fail once mid-run) -> checkpoint -> export -> pictures. Prometheus scrapes every worker through
-the file_sd targets the workers write.
+the file_sd targets the workers write. The command runs as a user runs it, ``mim-scale quickstart`` in a
+pseudo-terminal (its own local Ray), and what it leaves on the screen is checked too.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import struct
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -21,28 +26,83 @@ from mim_scale.config import from_dict
 from mim_scale.engine import checkpoint as ckpt
 from mim_scale.export import load_encoder
 from mim_scale.model import build_model
-from mim_scale.quickstart import run_quickstart
 from mim_scale.shards.format import decode_sample, read_manifest
 from prometheus_server import PrometheusServer, scrape_config, values
+from pty_capture import run_in_pty, screen_lines
 
 STEPS = 12  # checkpoints at 6 and 12; rank 1 fails as step 9 begins
 FAULT_STEP = 9
 
 
 @pytest.fixture(scope="module")
-def quickstart(ct_dir, ray_cluster, tmp_path_factory):
+def quickstart_run(ct_dir, tmp_path_factory):
+    """``mim-scale quickstart`` in a pseudo-terminal (120 x 40), quiet as a user gets it; yields (artefacts,
+    Prometheus, what the terminal showed)."""
     out = tmp_path_factory.mktemp("quickstart")
     targets = out / "runs" / "quickstart" / "prometheus_targets"
     targets.mkdir(parents=True)
+    ray_tmp = Path("/tmp") / f"mimqs-{os.getpid()}"  # Ray's socket paths must stay short; never the session's Ray
+    env = {k: v for k, v in os.environ.items() if k not in ("MIM_SCALE_LOG", "MIM_SCALE_VERBOSE", "RAY_ADDRESS")}
+    env.update(RAY_TMPDIR=str(ray_tmp), OMP_NUM_THREADS="1", TERM="xterm")
+    exe = shutil.which("mim-scale", path=str(Path(sys.executable).parent)) or "mim-scale"
     # scrape fast: the tiny steps take a fraction of a second, and every rank must be seen stepping
     prom = PrometheusServer.start(out / "prometheus",
                                   config=scrape_config(file_sd=targets / "*.json", interval="250ms"))
     try:
-        artefacts = run_quickstart(out, source=ct_dir, steps=STEPS, workers=2, fault=f"raise:1:{FAULT_STEP}",
-                                   overrides=["metrics.linger_seconds=3"])
-        yield artefacts, prom
+        rc, raw = run_in_pty([exe, "quickstart", "--out", str(out), "--from", str(ct_dir), "--steps", str(STEPS),
+                              "--workers", "2", "--fault", f"raise:1:{FAULT_STEP}",
+                              "--set", "metrics.linger_seconds=3"], env)
+        assert rc == 0, raw[-6000:]
+        artefacts = {k: Path(v) for k, v in json.loads((out / "quickstart.json").read_text()).items() if k != "seconds"}
+        yield artefacts, prom, raw
     finally:
         prom.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def quickstart(quickstart_run):
+    artefacts, prom, _ = quickstart_run
+    return artefacts, prom
+
+
+# what must never reach the quiet terminal: Python reprs, and the third-party noise of issue 20
+REPR = re.compile(r"\b\w+\(\w+=|\{'[^']*':|\bPosixPath\(")
+NOISE = ("PlacementGroupCleaner", "core_worker.cc", "PreemptionWatcher", "Setting accelerator to CPU",
+         "FutureWarning", "TrainingReport", "Checkpoint successfully created", "(RayTrainWorker", "(TrainController",
+         "Started a local Ray instance", "all_gather_into_tensor")
+
+
+def test_the_terminal_shows_stages_progress_failures_and_a_summary(quickstart_run):
+    artefacts, _, raw = quickstart_run
+    lines = screen_lines(raw)
+    shown = "\n".join(lines)
+    assert len(lines) < 60, shown
+    assert not [ln for ln in lines if REPR.search(ln)], shown
+    assert not [n for n in NOISE if n in raw], shown
+    assert [ln[:5] for ln in lines if re.match(r"\[\d/5\]", ln)] == [f"[{i}/5]" for i in range(1, 6)]
+    # one live progress bar for pre-training, redrawn in place, left at the last step with the figures
+    bar = [ln for ln in lines if ln.startswith("pretrain ")]
+    assert len(bar) == 1 and f"{STEPS}/{STEPS} steps" in bar[0], shown
+    assert raw.count("\r") > 5
+    for part in ("crops/s", "loss ", "rec ", "wait ", "ETA ", f"ckpt {STEPS}", "restarts 1"):
+        assert part in bar[0], (part, bar[0])
+    # the injected failure is not hidden: the worker's error, its traceback, where the rest is; the restart
+    run = artefacts["run"]
+    assert f"worker rank 1 failed: RuntimeError: injected fault on rank 1 at step {FAULT_STEP}" in shown
+    assert re.search(r'File ".*loop\.py", line \d+', shown), shown
+    assert f"full log: {run / 'logs' / 'rank-1.log'}" in shown
+    assert "restart 1: the worker group starts again from the step-6 checkpoint" in shown
+    # ... and the log file named there holds it, with the worker's output
+    assert "injected fault on rank 1" in (run / "logs" / "rank-1.log").read_text()
+    assert "TrainingReport(" in (run / "logs" / "rank-0.log").read_text()  # Ray's worker lines: in the file
+    events = [json.loads(ln) for ln in (run / "logs" / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events].count("failure") == 1 and {e["step"] for e in events
+                                                                  if e["event"] == "checkpoint"} == {6, STEPS}
+    # the summary: where everything is, what to do next
+    for where in (run, artefacts["export"], artefacts["reconstruction_png"], run / "logs", artefacts["checkpoint"]):
+        assert str(where) in shown, where
+    assert "tensorboard --logdir" in shown and "mim-scale finetune" in shown and "Next:" in shown
 
 
 def test_shards_hold_the_source_hu(quickstart, ct_dir):

@@ -74,8 +74,8 @@ def test_node_loss_resumes_on_what_remains_or_waits_for_capacity(sample_shards, 
 def test_driver_killed_then_same_command_resumes(sample_shards, tmp_path, child_env):
     storage, name = tmp_path / "runs", "driver-kill"
     steps = 10
-    argv = [PYTHON, "-m", "mim_scale.cli", "pretrain", "--config", "tiny", "--name", name, "--storage", str(storage),
-            "--workers", "2"]
+    argv = [PYTHON, "-m", "mim_scale.cli", "pretrain", "--json", "--config", "tiny", "--name", name,
+            "--storage", str(storage), "--workers", "2"]
     for item in drill_overrides(sample_shards, storage, name, steps=steps):
         argv += ["--set", item]
     env = child_env

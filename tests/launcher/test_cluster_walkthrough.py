@@ -61,8 +61,8 @@ def test_local_multi_node_cluster_as_documented(ct_dir, tmp_path, child_env):
         manifest = json.loads((shards / "manifest.json").read_text())
         assert sum(s["samples"] for s in manifest["shards"]) == 2
 
-        argv = [PYTHON, "-m", "mim_scale.cli", "pretrain", "--config", "tiny", "--address", address, "--workers", "2",
-                "--name", "try2", "--storage", str(tmp_path / "runs"), "--set", f"data.shards={shards}",
+        argv = [PYTHON, "-m", "mim_scale.cli", "pretrain", "--json", "--config", "tiny", "--address", address,
+                "--workers", "2", "--name", "try2", "--storage", str(tmp_path / "runs"), "--set", f"data.shards={shards}",
                 "--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--env", "MIM_SCALE_DRILL_MARK=1"]
         trained = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
         assert trained.returncode == 0, trained.stderr[-3000:]
