@@ -9,6 +9,7 @@ object store) holds what Ray Train persists and what the launcher and the worker
     checkpoint_manager_snapshot.json  Ray's list of committed checkpoints           (SNAPSHOT_FILE)
     checkpoints/step_*             checkpoints of a run without Ray                  (checkpoint_name)
     checkpoints/step_*.tmp         a save in progress (removed at the next start)    (checkpoint_scratch_name)
+                                   (a fine-tuning run's checkpoints/step_* too: step_checkpoints finds both)
     .fault-fired-*                 a failure drill that already fired                (fault_marker)
     recipe.json                    the batch, lr and schedule the run trains with    (RECIPE_FILE)
     attempts                       how many times the workers started                (ATTEMPTS_FILE)
@@ -62,6 +63,26 @@ _PART = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-]{0,127}$")
 def checkpoint_name(step: int) -> str:
     """``checkpoints/step_000000042``: the committed checkpoint of optimizer step ``step`` (runs without Ray)."""
     return f"{CHECKPOINTS_DIR}/step_{int(step):09d}"
+
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_of(folder: str | os.PathLike) -> int | None:
+    """N for a committed ``step_N`` checkpoint folder (any number of digits), None for anything else (scratch)."""
+    m = _STEP_DIR.match(Path(folder).name)
+    return int(m.group(1)) if m else None
+
+
+def step_checkpoints(run_dir: str | os.PathLike, complete) -> list[Path]:
+    """The committed ``checkpoints/step_N`` folders of a run that ``complete(folder)`` accepts (each trainer
+    knows what its complete checkpoint holds), oldest step first. The one reader of that naming, for
+    pre-training runs without Ray and fine-tuning runs alike."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None and complete(p)]
+    return sorted(found, key=step_of)
 
 
 def checkpoint_scratch_name(step: int) -> str:

@@ -28,3 +28,16 @@ def test_rank_files_round_trip_and_appends_follow_whole_lines(tmp_path):
     with pytest.raises(ValueError, match="one line"):
         files.append_line(rundir.HISTORY_FILE, "a\nb")
     assert str(rundir.targets_glob(tmp_path)) == str(tmp_path / "prometheus_targets" / "*.json")
+
+
+def test_step_checkpoints_are_the_complete_committed_ones_by_step(tmp_path):
+    root = tmp_path / rundir.CHECKPOINTS_DIR
+    for name in ("step_000000010", "step_00000002", "step_000000011.tmp", "step_x", ".tmp_step_00000003_7"):
+        (root / name).mkdir(parents=True)
+        (root / name / "state.json").write_text("{}")
+    (root / "step_000000012").mkdir()  # no state.json: not complete
+    found = rundir.step_checkpoints(tmp_path, lambda p: (p / "state.json").is_file())
+    assert [p.name for p in found] == ["step_00000002", "step_000000010"]
+    assert rundir.step_of(tmp_path / rundir.checkpoint_name(42)) == 42
+    assert rundir.step_of(tmp_path / rundir.checkpoint_scratch_name(42)) is None
+    assert rundir.step_checkpoints(tmp_path / "nothing", lambda p: True) == []

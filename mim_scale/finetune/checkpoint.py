@@ -25,13 +25,14 @@ from torch import nn
 
 from mim_scale.errors import UserFacingError
 from mim_scale.fileutil import write_atomic
+from mim_scale.rundir import CHECKPOINTS_DIR, step_checkpoints
 
 STEP_PREFIX = "step_"
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], keep_last: int) -> Path:
-    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{STEP_PREFIX}{step:08d}"
     tmp = ckpt_root / f".tmp_{STEP_PREFIX}{step:08d}_{os.getpid()}"
@@ -56,12 +57,8 @@ def save_model(path: Path, model: nn.Module, metadata: dict[str, str] | None = N
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    """Complete checkpoints (``state.json`` is written last), oldest first."""
+    return step_checkpoints(run_dir, lambda p: (p / "state.json").is_file())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
