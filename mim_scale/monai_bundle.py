@@ -80,23 +80,30 @@ def load_weights(network: nn.Module, path: str, device: str | torch.device = "cp
     return network.to(device)
 
 
-def _metadata(config: dict[str, Any]) -> dict[str, Any]:
+def _metadata_head(changelog: str) -> dict[str, Any]:
+    """The first keys of every bundle's ``metadata.json``: MONAI's schema, the bundle version and what built it."""
     import monai
     import numpy
     import safetensors
 
+    return {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
+        "version": "0.1.0",
+        "changelog": {"0.1.0": changelog},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": numpy.__version__,
+        "required_packages_version": {"mim-scale": mim_scale.__version__, "safetensors": safetensors.__version__},
+    }
+
+
+def _metadata(config: dict[str, Any]) -> dict[str, Any]:
     p, e = config["patch_size"], config["model"]["widths"][-1]
     data = config["training"].get("data") or {}
     licenses = data.get("licenses") or {}
     lic = model_card.weights_license(licenses) if licenses else "other"
     return {
-        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
-        "version": "0.1.0",
-        "changelog": {"0.1.0": f"exported by mim-scale {config['software_version']} at step {config['training']['step']}"},
-        "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": numpy.__version__,
-        "required_packages_version": {"mim-scale": mim_scale.__version__, "safetensors": safetensors.__version__},
+        **_metadata_head(f"exported by mim-scale {config['software_version']} at step {config['training']['step']}"),
         "name": "MiM CT foundation encoder",
         "task": "Self-supervised 3D CT feature extraction (MiM, Mask in Mask pre-training)",
         "description": (f"Hybrid conv + transformer encoder, {config['parameters']:,} parameters, pre-trained by "
@@ -241,18 +248,8 @@ def write_finetuned_bundle(folder: Path, run_dir: Path) -> dict[str, Any]:
     rec, classes, roi = run["recipe"], list(run["classes"]), [int(r) for r in run["roi_size"]]
     pre = rec["preprocessing"]
     seg = rec["task"] == "segmentation"
-    import monai
-    import numpy
-    import safetensors
-
     meta = {
-        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
-        "version": "0.1.0",
-        "changelog": {"0.1.0": f"exported by mim-scale {mim_scale.__version__} from {run_dir.name}, step {state.get('step')}"},
-        "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": numpy.__version__,
-        "required_packages_version": {"mim-scale": mim_scale.__version__, "safetensors": safetensors.__version__},
+        **_metadata_head(f"exported by mim-scale {mim_scale.__version__} from {run_dir.name}, step {state.get('step')}"),
         "name": f"MiM fine-tuned CT {rec['task']}",
         "task": f"CT {rec['task']} ({', '.join(classes)})",
         "description": f"mim-scale fine-tuned network (init {run.get('init')}), step {state.get('step')}.",
