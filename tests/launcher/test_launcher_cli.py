@@ -82,3 +82,27 @@ def test_status_and_stop_through_an_object_store_uri(failure_free):
     request_stop(uri)
     assert path_exists(f"{uri}/{STOP_FILE}") and (failure_free.run_dir / STOP_FILE).is_file()
     (failure_free.run_dir / STOP_FILE).unlink()
+
+
+def test_a_failed_run_shows_the_workers_traceback_and_its_log(sample_shards, ray_cluster, tmp_path, capsys,
+                                                               monkeypatch):
+    """Quiet mode never hides a failure: a worker that raises (no restart left) is shown on the terminal with
+    its own traceback and the log file holding the rest; the command says the run failed and exits 1."""
+    from launcher_drills import drill_overrides
+
+    monkeypatch.delenv("MIM_SCALE_LOG", raising=False)
+    monkeypatch.delenv("MIM_SCALE_VERBOSE", raising=False)
+    argv = ["pretrain", "--config", "tiny", "--storage", str(tmp_path / "runs"), "--name", "fails"]
+    for item in drill_overrides(sample_shards, tmp_path / "runs", "fails", steps=4) + ["launch.max_failures=0"]:
+        argv += ["--set", item]
+    assert main(argv + ["--fault", "raise:0:2"]) == 1
+    captured = capsys.readouterr()
+    shown = captured.out + captured.err
+    run_dir = tmp_path / "runs" / "fails"
+    assert "worker rank 0 failed: RuntimeError: injected fault on rank 0 at step 2" in captured.out
+    assert 'loop.py", line' in captured.out and "in run_training" in captured.out  # the worker's own frames
+    assert f"full log: {run_dir / 'logs' / 'rank-0.log'}" in captured.out
+    assert "injected fault on rank 0 at step 2" in (run_dir / "logs" / "rank-0.log").read_text()
+    assert "the run failed: rank 0: RuntimeError: injected fault on rank 0 at step 2" in captured.err
+    assert "TrainingReport(" not in shown and "Error Snippet" not in shown  # Ray's own report: in driver.log
+    assert "Error Snippet" in (run_dir / "logs" / "driver.log").read_text()
