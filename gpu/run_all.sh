@@ -18,6 +18,8 @@
 #                          the end-to-end MiM step with backends reference / auto / all kernels
 #   memory_*.txt, engine.json  (d) large (ZeRO-3) and huge (ZeRO-3 + CPU offload): step time, peak memory
 #   throughput.txt/.json   (e) crops/s per size and card, entries for mim_scale/configs/throughput.json
+#   data.txt/.json         the data path: HU window on the device bit-identical to the CPU's, int16 vs float32
+#                          host-to-device copy, loader workers per GPU with pinned memory (gpu/data_check.py)
 #   gpu_tests.txt          pytest -m gpu
 # Python parts run on CPU in CI at tiny sizes (tests/gpu). Ray is not used here (see below).
 
@@ -157,6 +159,8 @@ step memory_huge 90 $PY gpu/engine_check.py --only huge --steps 1 --append --jso
 step throughput 20 $PY gpu/throughput.py --train "$OUT/train.json" --engine "$OUT/engine.json" \
     --source-dir "docs/gpu-results/$(date -u +%F)-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | awk '{print tolower($NF)}')" \
     --out "$OUT/throughput.json"
+# the data path: window parity on CUDA, int16 vs float32 copy, loader workers per GPU (pinned)
+step data 60 $PY gpu/data_check.py ${CT_ARGS[@]+"${CT_ARGS[@]}"} --json "$OUT/data.json"
 # the gpu-marked tests (CUDA paths of the kernels and the metrics), if time is left
 step gpu_tests 45 $PY -m pytest -q -p no:cacheprovider -x -m gpu tests/ops tests/metrics tests/finetune
 
