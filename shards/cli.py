@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -103,8 +102,11 @@ def _build(args: argparse.Namespace) -> int:
         allow_non_ct_sop_class=args.allow_non_ct_sop_class, allow_burned_in_annotation=args.allow_burned_in_annotation,
         allow_derived=args.allow_derived,
     )
-    kwargs = dict(config=config, workers=args.workers, address=args.address, progress=not args.no_progress,
-                  metrics_port=args.metrics_port)
+    from mim_scale import console
+
+    # the builder's tqdm bar redraws in place: on a terminal only (CI logs and files get the summary lines)
+    kwargs = dict(config=config, workers=args.workers, address=args.address,
+                  progress=not args.no_progress and console.is_tty(sys.stderr), metrics_port=args.metrics_port)
     if args.holdout or args.holdout_list:
         from mim_scale.shards.holdout import build_with_holdout
 
@@ -117,7 +119,9 @@ def _build(args: argparse.Namespace) -> int:
         rep = build_shards(args.inputs, args.out, private_dir=args.private_dir, exclude=args.exclude,
                            dataset=args.dataset, **kwargs)
     print(f"{rep.num_samples} volume(s) in {rep.num_shards} shard(s) -> {rep.manifest_path}")
-    print(f"rejected: {sum(rep.rejected.values())} {json.dumps(rep.rejected, sort_keys=True)} (details: {rep.private_dir}/rejects.jsonl)")
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(rep.rejected.items()))
+    print(f"rejected: {sum(rep.rejected.values())}" + (f" ({reasons})" if reasons else "")
+          + f" (details: {rep.private_dir}/rejects.jsonl)")
     print(f"this run: {rep.built_now} built in {rep.seconds:.1f} s ({rep.volumes_per_minute:.1f} vol/min), "
           f"{rep.bytes_per_voxel:.3f} shard bytes/voxel (raw int16: 2)")
     print(count_table(rep.found, rep.datasets))

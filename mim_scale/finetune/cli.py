@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from mim_scale.errors import UserFacingError
@@ -70,10 +69,65 @@ def _finetune(args) -> int:
     else:
         from mim_scale.finetune.train import finetune
 
-        summary = finetune(args.data, args.init, args.out, recipe=args.recipe, overrides=_overrides(args),
-                           model_config=args.model, resume=args.resume, log=_log)
-    print(json.dumps({k: summary[k] for k in ("task", "init", "steps", "best_score", "checkpoint")}, indent=1))
+        with _Progress("finetune") as progress:
+            summary = finetune(args.data, args.init, args.out, recipe=args.recipe, overrides=_overrides(args),
+                               model_config=args.model, resume=args.resume, log=progress.log, progress=progress)
+    from mim_scale import console
+
+    best = summary.get("best_score")
+    console.out(f"\nfine-tuning done: {summary['steps']} steps, {summary['task']}, init {summary['init']}"
+                + (f", best {best:.4f}" if isinstance(best, (int, float)) else ""))
+    console.out(console.table([("run folder", str(args.out)), ("checkpoint", str(summary["checkpoint"])),
+                               ("summary", f"{args.out}/summary.json (metrics.jsonl: every step and validation)"),
+                               ("TensorBoard", f"tensorboard --logdir {args.out}")]))
     return 0
+
+
+class _Progress:
+    """The fine-tuning progress line (``mim_scale.console.Progress``): step/total, epoch, loss, mean Dice;
+    log lines print above it. One line per run: a new run (its step goes back) gets a new line."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.bar = None
+        self.fields: dict = {}
+
+    def __call__(self, event: dict) -> None:
+        from mim_scale import console
+
+        if self.bar is not None and event["step"] < self.bar.n:
+            self.close()
+        if self.bar is None:
+            self.bar, self.fields = console.Progress(self.desc, event["total"]), {}
+        self.fields.update({k: v for k, v in event.items() if v is not None})
+        f = self.fields
+        text = "  ".join(p for p in (f"epoch {f['epoch']:.1f}" if "epoch" in f else "",
+                                     f"loss {f['loss']:.4f}" if "loss" in f else "",
+                                     f"Dice {f['dice']:.3f}" if "dice" in f else "") if p)
+        self.bar.update(event["step"], text)
+
+    def for_run(self, label: str) -> _Progress:
+        """``evaluate --init``: one line per fine-tuning run, named by its label."""
+        self.close()
+        self.desc = label
+        return self
+
+    def log(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            _log(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _evaluate(args) -> int:
@@ -97,8 +151,10 @@ def _evaluate(args) -> int:
     if not args.data:
         raise UserFacingError("--init needs --data")
     work = Path(args.work) if args.work else Path(args.out).with_suffix("").with_name(Path(args.out).stem + "_runs")
-    compare_inits(args.data, args.init, work, report=args.out, recipe=args.recipe, overrides=_overrides(args),
-                  model_config=args.model, with_scratch=not args.no_scratch, log=_log)
+    with _Progress("finetune") as progress:
+        compare_inits(args.data, args.init, work, report=args.out, recipe=args.recipe, overrides=_overrides(args),
+                      model_config=args.model, with_scratch=not args.no_scratch, log=progress.log,
+                      progress=progress.for_run)
     return 0
 
 

@@ -84,8 +84,11 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, out: str |
 def compare_inits(data: str | Path, inits: list[str], out_dir: str | Path, report: str | Path | None = None,
                   recipe: str | Path | None = None, overrides: list[str] | None = None,
                   model_config: str | None = None, with_scratch: bool = True,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Callable[[str], None] = print,
+                  progress: Callable[[str], Callable[[dict[str, Any]], None]] | None = None) -> dict[str, Any]:
     """Fine-tune once per init with the same recipe and budget; report metrics and gains over scratch.
+
+    ``progress``: given a run's label, the progress callback for its fine-tuning (see ``finetune``).
 
     ``inits``: exported encoders and/or ``"scratch"``. Scratch uses the architecture of the first
     exported encoder (so the comparison is like for like), else ``model_config``.
@@ -116,7 +119,8 @@ def compare_inits(data: str | Path, inits: list[str], out_dir: str | Path, repor
         run_dir = out_dir / _slug(label)
         log(f"== {label}: fine-tuning into {run_dir}")
         summary = finetune(data, init, run_dir, recipe=rec,
-                           model_config=scratch_model if init == "scratch" else model_config, log=log)
+                           model_config=scratch_model if init == "scratch" else model_config, log=log,
+                           progress=progress(label) if progress is not None else None)
         runs[label] = {"init": summary["init"], "pretrained": summary["pretrained"], "steps": summary["steps"],
                        "samples_seen": summary["samples_seen"], "seconds": summary["seconds"],
                        "validation": summary["validation"], "run_dir": str(run_dir.resolve())}

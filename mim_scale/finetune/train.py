@@ -48,8 +48,13 @@ def finetune(
     resume: bool = False,
     log: Callable[[str], None] = print,
     tensorboard: bool = True,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune from ``init`` (an exported encoder or ``"scratch"``); return the summary dict.
+
+    ``progress`` (lead rank): called every ``train.log_every`` steps and after each validation with
+    ``{step, total, epoch, loss}`` / ``{step, total, epoch, dice}`` (mean Dice; segmentation); the per-step
+    log lines are left out then (the command line draws one progress line instead).
 
     ``tensorboard``: the lead rank writes loss, lr and Dice per class to ``OUT/tensorboard/`` when the
     package is installed (:mod:`mim_scale.tensorboard`)."""
@@ -132,7 +137,13 @@ def finetune(
         if board is not None:
             board.finetune_validation(step, metrics)
         log(f"step {step} validation: {_brief(metrics)}")
+        if progress is not None:
+            progress({"step": step, "total": t.steps, "epoch": epoch_of(step), "dice": metrics.get("mean_dice")})
         return metrics
+
+    def epoch_of(step: int) -> float:
+        """Passes over the training volumes (each step draws train.batch_size crops)."""
+        return step * t.batch_size / max(1, len(spec.training))
 
     net.train()
     metrics: dict[str, Any] | None = None
@@ -161,7 +172,10 @@ def finetune(
                                                       "seconds": time.perf_counter() - t_loop})
                 if board is not None:
                     board.finetune_step(done, mean_loss, lr)
-            log(f"step {done}/{t.steps} loss {mean_loss:.4f} lr {lr:.2e}")
+            if progress is None:
+                log(f"step {done}/{t.steps} loss {mean_loss:.4f} lr {lr:.2e}")
+            elif lead:
+                progress({"step": done, "total": t.steps, "epoch": epoch_of(done), "loss": mean_loss})
         if t.val_every and done % t.val_every == 0 and done != t.steps:
             metrics = validate(done)
             best = _better(best, metrics)
