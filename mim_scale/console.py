@@ -150,6 +150,7 @@ class log_to_file:
         handler.setLevel(log_level())
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root = logging.getLogger()
+        self._root_level = root.level
         if root.level > log_level() or root.level == logging.NOTSET:
             root.setLevel(log_level())
         root.addHandler(handler)
@@ -158,7 +159,10 @@ class log_to_file:
 
     def __exit__(self, *exc) -> None:
         if self._handler is not None:
-            logging.getLogger().removeHandler(self._handler)
+            root = logging.getLogger()
+            root.removeHandler(self._handler)
+            if not any(isinstance(h, logging.FileHandler) for h in root.handlers):
+                root.setLevel(self._root_level)
             self._handler.close()
             self._handler = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import select
 
 import pytest
 
@@ -45,7 +46,10 @@ def test_progress_on_a_terminal_is_one_live_bar():
         progress.write("restart 1: the worker group starts again from the step-5 checkpoint")
         progress.close()
         stream.flush()
-        raw = os.read(master, 1 << 20).decode()
+        chunks = []
+        while select.select([master], [], [], 0.5)[0]:  # everything written so far, in as many reads as it takes
+            chunks.append(os.read(master, 1 << 16))
+        raw = b"".join(chunks).decode()
     finally:
         stream.close()
         os.close(master)
