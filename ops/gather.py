@@ -51,15 +51,21 @@ def row_grid(rows: int, e: int) -> tuple[tuple[int, int], int]:
     return (rows, cdiv(e, block)), block
 
 
+def launch_rows(kernel, rows: int, e: int, *args) -> None:
+    """Run a one-program-per-row kernel (taking ``BLOCK_E``) over ``rows`` rows of width ``e``; nothing to do
+    when either is 0."""
+    if rows == 0 or e == 0:
+        return
+    grid, block = row_grid(rows, e)
+    kernel[grid](*args, BLOCK_E=block, num_warps=warps(block))
+
+
 def gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x: (N, L, E); ids: (N, K) int -> (N, K, E)."""
     n, length, e = x.shape
     k = ids.shape[1]
     out = torch.empty((n, k, e), device=x.device, dtype=x.dtype)
-    if out.numel() == 0:
-        return out
-    grid, block = row_grid(n * k, e)
-    KERNELS.for_tensor(x).gather[grid](x, ids, out, length, k, e, BLOCK_E=block, num_warps=warps(block))
+    launch_rows(KERNELS.for_tensor(x).gather, n * k, e, x, ids, out, length, k, e)
     return out
 
 
@@ -67,9 +73,7 @@ def gather_rows_backward(grad: torch.Tensor, ids: torch.Tensor, length: int, dty
     """grad: (N, K, E) -> (N, length, E) in ``dtype``: the gradient of :func:`gather_rows` w.r.t. x."""
     n, k, e = grad.shape
     acc = torch.zeros((n, length, e), device=grad.device, dtype=torch.float32)
-    if grad.numel() > 0:
-        grid, block = row_grid(n * k, e)
-        KERNELS.for_tensor(grad).gather_bwd[grid](grad, ids, acc, length, k, e, BLOCK_E=block, num_warps=warps(block))
+    launch_rows(KERNELS.for_tensor(grad).gather_bwd, n * k, e, grad, ids, acc, length, k, e)
     return acc.to(dtype)
 
 

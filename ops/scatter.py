@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import Kernels, cdiv, check_ids, next_pow2, tl, warps
-from .gather import gather_rows, row_grid
+from .gather import gather_rows, launch_rows
 
 
 def reference(visible: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor, length: int) -> torch.Tensor:
@@ -72,11 +72,7 @@ def scatter_rows(visible: torch.Tensor, inv: torch.Tensor, fill: torch.Tensor) -
     n, k, e = visible.shape
     length = inv.shape[1]
     out = torch.empty((n, length, e), device=visible.device, dtype=visible.dtype)
-    if out.numel() == 0:
-        return out
-    grid, block = row_grid(n * length, e)
-    KERNELS.for_tensor(visible).scatter[grid](visible, inv, fill, out, length, k, e, BLOCK_E=block,
-                                              num_warps=warps(block))
+    launch_rows(KERNELS.for_tensor(visible).scatter, n * length, e, visible, inv, fill, out, length, k, e)
     return out
 
 
