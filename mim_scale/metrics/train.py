@@ -1,4 +1,4 @@
-"""Prometheus metrics of one training worker (:class:`TrainMetrics`) and the channel its DataLoader workers report through.
+"""Prometheus metrics of one training worker (:class:`TrainMetrics`).
 
 Every training worker owns one :class:`TrainMetrics`: its own ``CollectorRegistry`` (so several can live
 in one process, as in tests) served on its own ``/metrics`` HTTP endpoint. The launcher writes the
@@ -40,8 +40,6 @@ mim_checkpoint_written_bytes_total          counter    bytes written by checkpoi
 mim_last_checkpoint_timestamp_seconds       gauge      unix time of the last finished checkpoint
 mim_restarts_total                          counter    restarts of the run so far (see below)
 mim_corrupt_samples_skipped_total{reason}   counter    samples skipped because they could not be decoded
-mim_loader_volumes_total                    counter    volumes decoded by DataLoader worker processes
-mim_loader_read_bytes_total                 counter    bytes read by DataLoader worker processes
 mim_device_memory_peak_bytes                gauge      CUDA max allocated bytes, or the process's peak RSS on CPU
 mim_validation_loss{level="1"|"2"|"3",      gauge      masked reconstruction loss per level on the run's fixed
   set="held-out"|"seen"}                               validation set (train.validate_every; same on every rank);
@@ -57,20 +55,15 @@ calls :meth:`TrainMetrics.set_restarts` with it (the launcher's failure handler 
 by run first joins the old process's series with the new one's, even when the new process got a
 different ``instance`` (an ephemeral port or another node).
 
-DataLoader worker processes. They cannot touch the main process's registry, and Prometheus
-multiprocess mode would need ``PROMETHEUS_MULTIPROC_DIR`` set before any process starts and would turn
-every metric of the process into a file-backed one. Instead the workers *report through the main
-process*: the main process creates a :class:`LoaderChannel` before building the DataLoader and hands it
-to the dataset; workers call ``channel.volumes_read(...)`` / ``channel.corrupt_skipped(...)``; the
-channel is an ``multiprocessing`` queue that :meth:`TrainMetrics.record_step` drains into counters.
+DataLoader worker processes. Volume reads and undecodable samples reach the main process stamped on each
+crop's ``meta`` (``crop_index``, the loader worker's running ``corrupt`` count); the training step counts
+them there (:mod:`mim_scale.engine.step`), so no queue or Prometheus multiprocess mode is needed.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
-import queue
 import re
 import resource
 import sys
@@ -91,48 +84,6 @@ TOTAL_LOSS_KEY = "total"
 # Step times range from ~50 ms (tiny CPU runs) to minutes (huge model, many accumulation steps).
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, float("inf"))
 CHECKPOINT_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, float("inf"))
-
-
-# --------------------------------------------------------------------------------------------------
-# DataLoader worker processes -> main process
-
-
-class LoaderChannel:
-    """Counts from DataLoader worker processes, reported through the main process.
-
-    Create it in the main process *before* the DataLoader (it must reach the workers by fork or by the
-    DataLoader's own spawn pickling, like any ``multiprocessing`` queue), keep a reference in the
-    dataset, call the reporting methods from the workers, and pass it to
-    ``TrainMetrics(..., loader_channel=channel)`` (or call :meth:`TrainMetrics.drain_loader`).
-
-    context: the ``multiprocessing`` start method of the DataLoader (``None`` = the default one).
-    """
-
-    def __init__(self, context: str | None = None) -> None:
-        ctx = multiprocessing.get_context(context)
-        self._queue = ctx.Queue()
-
-    def volumes_read(self, n: int = 1, nbytes: int = 0) -> None:
-        """From a worker: ``n`` volumes decoded, ``nbytes`` read from storage."""
-        self._queue.put(("volumes", int(n), int(nbytes), ""))
-
-    def corrupt_skipped(self, n: int, shard: str, reason: str = "decode_error") -> None:
-        """From a worker: ``n`` samples of ``shard`` skipped; the shard is logged, never a label."""
-        self._queue.put(("corrupt", int(n), 0, f"{reason}\x00{shard}"))
-
-    def drain(self, max_items: int = 100_000) -> list[tuple[str, int, int, str]]:
-        """In the main process: every event reported so far, without blocking."""
-        events = []
-        for _ in range(max_items):
-            try:
-                events.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return events
-
-    def close(self) -> None:
-        self._queue.close()
-        self._queue.join_thread()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +114,6 @@ class TrainMetrics:
     run: run name (a label on every series); rank: global rank (>= 0).
     addr, port: bind address and port of the endpoint; ``port=0`` binds an ephemeral port (see
     :attr:`port`). serve: ``False`` keeps the registry without an HTTP server (tests, disabled metrics).
-    loader_channel: a :class:`LoaderChannel` whose events are drained on every :meth:`record_step`.
     """
 
     def __init__(
@@ -174,7 +124,6 @@ class TrainMetrics:
         addr: str = "127.0.0.1",
         port: int = 0,
         serve: bool = True,
-        loader_channel: LoaderChannel | None = None,
     ) -> None:
         if not isinstance(run, str) or not run:
             raise ValueError(f"run must be a non-empty string, got {run!r}")
@@ -183,7 +132,6 @@ class TrainMetrics:
         self.run = run
         self.rank = rank
         self.registry = CollectorRegistry(auto_describe=True)
-        self.loader_channel = loader_channel
         base = ("run", "rank")
         r = self.registry
 
@@ -229,8 +177,6 @@ class TrainMetrics:
         self._last_ckpt_ts = gauge("mim_last_checkpoint_timestamp_seconds", "Unix time of the last finished checkpoint.")
         self._restarts = counter("mim_restarts", "Restarts of the run so far (kept in the checkpoint metadata).")
         self._corrupt = counter("mim_corrupt_samples_skipped", "Samples skipped because they could not be decoded.", ("reason",))
-        self._loader_volumes = counter("mim_loader_volumes", "Volumes decoded by DataLoader worker processes.")
-        self._loader_bytes = counter("mim_loader_read_bytes", "Bytes read by DataLoader worker processes.")
         self._memory = gauge("mim_device_memory_peak_bytes", "CUDA max allocated bytes, or peak process RSS on CPU.")
         self._val_loss = gauge("mim_validation_loss", "Masked reconstruction loss per level on the run's fixed validation "
                                "set; set is held-out (volumes never trained on) or seen.", ("level", "set"))
@@ -243,8 +189,7 @@ class TrainMetrics:
         # gauges whose 0 would be a lie (losses, lr, mfu) appear with the first step.
         for m in (
             self._steps, self._step_seconds, self._data_wait, self._crops, self._volumes, self._views, self._tokens,
-            self._nonfinite, self._ckpt_seconds, self._ckpt_bytes, self._restarts, self._loader_volumes,
-            self._loader_bytes,
+            self._nonfinite, self._ckpt_seconds, self._ckpt_bytes, self._restarts,
         ):  # fmt: skip
             m.labels(**self._lv)
         self._last_step_ts.labels(**self._lv).set(time.time())
@@ -354,8 +299,6 @@ class TrainMetrics:
             self._mfu.labels(**lv).set(float(mfu))
         for key, std in (collapse_std or {}).items():
             self._collapse.labels(level=_level_label(key), **lv).set(float(std))
-        if self.loader_channel is not None:
-            self.drain_loader(self.loader_channel)
 
     def record_validation(self, step: int, losses: Mapping[str, float], source: str = "seen") -> None:
         """Record the validation losses of ``step``: ``{"val_rec_l1": x, ..., "val_align_12": y, ...}``
@@ -405,18 +348,6 @@ class TrainMetrics:
             log.warning("rank %d skipped %d corrupt sample(s) in %s (%s)", self.rank, n, shard, reason)
         self._corrupt.labels(reason=reason, **self._lv).inc(n)
 
-    def drain_loader(self, channel: LoaderChannel) -> int:
-        """Move the DataLoader workers' reported counts into this registry; returns the event count."""
-        events = channel.drain()
-        for kind, n, nbytes, extra in events:
-            if kind == "volumes":
-                self._loader_volumes.labels(**self._lv).inc(n)
-                self._loader_bytes.labels(**self._lv).inc(nbytes)
-            elif kind == "corrupt":
-                reason, _, shard = extra.partition("\x00")
-                self.record_corrupt_skipped(n, shard, reason)
-        return len(events)
-
     def record_device_memory(self) -> int:
         """Update and return the peak device memory (CUDA max allocated, or peak RSS on CPU)."""
         value = peak_memory_bytes()
@@ -426,9 +357,7 @@ class TrainMetrics:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the endpoint (idempotent). Drains the loader channel one last time."""
-        if self.loader_channel is not None:
-            self.drain_loader(self.loader_channel)
+        """Stop the endpoint (idempotent)."""
         if self._server is not None:
             self._server.close()
             self._server = None

@@ -15,7 +15,7 @@ import torch
 from mim_scale.cli import main
 from mim_scale.config import load_config
 from mim_scale.engine.local import Job, free_port, launch_jobs
-from mim_scale.engine.loop import RECIPE_FILE
+from mim_scale.rundir import RECIPE_FILE
 from mim_scale.plan import make_plan
 
 GLOBAL = ("train.steps=0", "train.epochs=4", "train.warmup_epochs=2", "train.global_batch_crops=8", "train.lr=0",
