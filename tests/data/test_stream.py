@@ -124,21 +124,6 @@ def test_window_of_every_int16_value():
         hu_window(every.float(), -1000.0, 1000.0)
 
 
-def test_loader_batches_are_int16_and_equal_the_samples(shard_dir):
-    """make_loader's batches (cut straight into a shared-memory buffer in each worker) hold exactly the
-    stream's samples (whose windows are the old crops, above), int16, in order."""
-    shards = load_shard_list(str(shard_dir))
-    cfg = _cfg(num_workers=2, crop_size=40)
-    batches = _take(make_loader(cfg, shards, rank=0, world_size=1, batch_size=3, pin_memory=False), 4)
-    assert all(b["crop"].dtype == torch.int16 and b["crop"].shape == (3, 1, 40, 40, 40) for b in batches)
-    # loader worker w serves batches w, w + 2, ...: worker 0 reads stream 0 of 2, batches 0 and 2
-    samples = iter(CropStream(cfg, shards, world_size=2, batch_size=3))
-    expected = [next(samples) for _ in range(6)]
-    got = [(b["crop"][i], b["meta"][i]) for b in (batches[0], batches[2]) for i in range(3)]
-    for (crop, meta), item in zip(got, expected):
-        assert meta == item["meta"] and torch.equal(crop, item["crop"])
-
-
 def test_same_order_every_time_and_resume_exact(shard_dir):
     shards = load_shard_list(str(shard_dir))
     cfg = _cfg(num_workers=2)
@@ -232,3 +217,23 @@ def test_truncated_npy_shard_on_the_memmap_path(real_volume, tmp_path):
     samples = list(local_members(str(shard)))
     assert samples[-1]["__key__"] == "__corrupt__" and "__error__" in samples[-1]
     assert [s["__key__"] for s in samples[:-1]] == ["v000"]  # the complete volume before the cut survives
+
+
+def test_loader_batches_windowed_are_the_old_float32_crops(real_volume, tmp_path):
+    """End to end on the memory-map path: make_loader's int16 batches (two worker processes, each crop cut
+    from the shard's np.memmap straight into a shared-memory batch buffer, air-padded where the 50-slice
+    volumes are thinner than the crop), windowed as the training step does, equal the loaders' old float32
+    crops at the same stream positions bit for bit."""
+    folder = _npy_shards(real_volume, tmp_path / "npy")
+    shards = load_shard_list(str(folder))
+    cfg = _cfg(crop_size=56, crops_per_volume=2, shuffle_buffer=2, num_workers=2)
+    batches = _take(make_loader(cfg, shards, rank=0, world_size=1, batch_size=2, pin_memory=False), 4)
+    assert all(b["crop"].dtype == torch.int16 and b["crop"].shape == (2, 1, 56, 56, 56) for b in batches)
+    for worker in (0, 1):  # loader worker w reads stream w of 2 and serves batches w, w + 2
+        crops = CropStream(cfg, shards, rank=worker, world_size=2, batch_size=2)._crops()
+        old = [(old_float32_crop(v, 56, o, cfg.hu_min, cfg.hu_max), meta["key"]) for v, o, meta in
+               (next(crops) for _ in range(4))]
+        got = [(crop, meta["key"]) for b in batches[worker::2]
+               for crop, meta in zip(hu_window(b["crop"], cfg.hu_min, cfg.hu_max), b["meta"])]
+        assert [key for _, key in got] == [key for _, key in old]
+        assert all(torch.equal(x, y) for (x, _), (y, _) in zip(got, old))
