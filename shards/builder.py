@@ -167,22 +167,36 @@ def plan_inputs(
     An input named after a collection recipe is read with it (``recipes.select``); DICOM series that
     another collection holds as a file named by their SeriesInstanceUID are dropped (``duplicate_series``).
     """
-    items: list[WorkItem] = []
-    rejects: list[RejectRecord] = []
-    seen_keys: dict[str, str] = {}
-    named_uids: dict[str, tuple[str, str]] = {}  # SeriesInstanceUID -> (key, dataset) of files named by it
-    dicom_uids: dict[str, tuple[str, str]] = {}
+    plan = _Plan(salt)
+    for spec in specs:
+        plan.add_input(spec, pool)
+    return plan.finish()
 
-    def add(dataset: str, kind: str, identity: str, files: tuple[str, ...], source: str, multiframe: bool = False) -> str | None:
-        key = source_key(salt, dataset, kind, identity)
-        if key in seen_keys:
-            rejects.append(RejectRecord(source, "duplicate_content", f"same source identity as {seen_keys[key]}", dataset, key))
+
+class _Plan:
+    """A plan being built: work items with unique salted keys, rejects, and the SeriesInstanceUIDs seen as file
+    names and as DICOM series (for ``recipes.drop_duplicate_series``)."""
+
+    def __init__(self, salt: bytes):
+        self.salt = salt
+        self.items: list[WorkItem] = []
+        self.rejects: list[RejectRecord] = []
+        self.seen_keys: dict[str, str] = {}
+        self.named_uids: dict[str, tuple[str, str]] = {}  # SeriesInstanceUID -> (key, dataset) of files named by it
+        self.dicom_uids: dict[str, tuple[str, str]] = {}
+
+    def add(self, dataset: str, kind: str, identity: str, files: tuple[str, ...], source: str,
+            multiframe: bool = False) -> str | None:
+        """The new item's key, or None (rejected as ``duplicate_content``) when its identity is planned already."""
+        key = source_key(self.salt, dataset, kind, identity)
+        if key in self.seen_keys:
+            self.rejects.append(RejectRecord(source, "duplicate_content", f"same source identity as {self.seen_keys[key]}", dataset, key))
             return None
-        seen_keys[key] = source
-        items.append(WorkItem(0, key, dataset, kind, files, source, multiframe))
+        self.seen_keys[key] = source
+        self.items.append(WorkItem(0, key, dataset, kind, files, source, multiframe))
         return key
 
-    for spec in specs:
+    def add_input(self, spec: InputSpec, pool: "_InProcess | _RayPool | None") -> None:
         root = spec.path.resolve()
         if root.is_file():
             files = [str(root)]
@@ -191,36 +205,40 @@ def plan_inputs(
             files = dicom.list_files(root)
             base = root
         sel = recipes.select(spec.dataset, files, base, spec.path)
-        rejects.extend(RejectRecord(path, reason, detail, spec.dataset) for path, reason, detail in sel.rejects)
+        self.rejects.extend(RejectRecord(path, reason, detail, spec.dataset) for path, reason, detail in sel.rejects)
         for kind, f, uid in sel.volumes:
-            key = add(spec.dataset, kind, os.path.relpath(f, base), (f,), f)
+            key = self.add(spec.dataset, kind, os.path.relpath(f, base), (f,), f)
             if key and uid:
-                named_uids.setdefault(uid, (key, spec.dataset))
+                self.named_uids.setdefault(uid, (key, spec.dataset))
         other = sel.dicom_files
         chunks = [(other[i:i + DISCOVER_CHUNK], str(base)) for i in range(0, len(other), DISCOVER_CHUNK)]
         series, file_rejects = _discover_all(chunks, pool)
         for r in file_rejects:
             reason, detail = formats.refine_not_dicom(r.path, r.reason, r.detail)
-            rejects.append(RejectRecord(r.path, reason, detail, spec.dataset))
+            self.rejects.append(RejectRecord(r.path, reason, detail, spec.dataset))
         for s in series:
             source = os.path.commonpath(s.files) if len(s.files) > 1 else s.files[0]
             if s.modality != "CT":
-                rejects.append(RejectRecord(source, "non_ct_modality", f"Modality {s.modality or 'missing'}, {len(s.files)} file(s)", spec.dataset))
+                self.rejects.append(RejectRecord(source, "non_ct_modality", f"Modality {s.modality or 'missing'}, {len(s.files)} file(s)", spec.dataset))
                 continue
-            key = add(spec.dataset, "dicom", s.uid, tuple(s.files), source, s.multiframe)
+            key = self.add(spec.dataset, "dicom", s.uid, tuple(s.files), source, s.multiframe)
             if key:
-                dicom_uids.setdefault(s.uid, (key, spec.dataset))
-    dropped = recipes.drop_duplicate_series(named_uids, dicom_uids)
-    if dropped:
-        by_key = {it.key: it for it in items}
-        for key, kept in dropped.items():
-            it = by_key[key]
-            rejects.append(RejectRecord(it.source, "duplicate_series", f"same SeriesInstanceUID as {by_key[kept].source}", it.dataset, key))
-        items = [it for it in items if it.key not in dropped]
-    items.sort(key=lambda it: it.key)
-    items = [dataclasses.replace(it, index=i) for i, it in enumerate(items)]
-    rejects.sort(key=lambda r: (r.source, r.reason))
-    return items, rejects
+                self.dicom_uids.setdefault(s.uid, (key, spec.dataset))
+
+    def finish(self) -> tuple[list[WorkItem], list[RejectRecord]]:
+        """Drop DICOM series held elsewhere as named files, sort by key, number the items, sort the rejects."""
+        items, rejects = self.items, self.rejects
+        dropped = recipes.drop_duplicate_series(self.named_uids, self.dicom_uids)
+        if dropped:
+            by_key = {it.key: it for it in items}
+            for key, kept in dropped.items():
+                it = by_key[key]
+                rejects.append(RejectRecord(it.source, "duplicate_series", f"same SeriesInstanceUID as {by_key[kept].source}", it.dataset, key))
+            items = [it for it in items if it.key not in dropped]
+        items.sort(key=lambda it: it.key)
+        items = [dataclasses.replace(it, index=i) for i, it in enumerate(items)]
+        rejects.sort(key=lambda r: (r.source, r.reason))
+        return items, rejects
 
 
 def read_exclude(path: Path) -> set[str]:
@@ -361,22 +379,13 @@ def build_shards(
     specs = parse_inputs(list(inputs), default_dataset=dataset)
     out = Path(out).resolve()
     private = Path(private_dir).resolve() if private_dir is not None else out.with_name(out.name + ".private")
-    if private == out or out in private.parents:
-        raise UserFacingError(f"{private}: the private dir must not be inside the shareable output {out}")
-    for spec in specs:
-        if spec.path.resolve() == out or out in spec.path.resolve().parents:
-            raise UserFacingError(f"{spec.path}: input lies inside the output folder {out}")
+    _check_folders(specs, out, private)
     excl: set[str] = set()
     if isinstance(exclude, (str, Path)):
         excl = read_exclude(Path(exclude))
     elif exclude:
         excl = {e.lower() for e in exclude}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        private.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserFacingError(f"cannot create output folders {out} / {private}: {exc}") from exc
-    os.chmod(private, 0o700)
+    _make_folders(out, private)
     if metrics_port is not None:
         metrics.start_server(metrics_port)
 
@@ -397,6 +406,24 @@ def build_shards(
             pool.close()
     finally:
         lock.close()
+
+
+def _check_folders(specs: list[InputSpec], out: Path, private: Path) -> None:
+    """The private folder is not inside the shareable one, and no input lies inside the output."""
+    if private == out or out in private.parents:
+        raise UserFacingError(f"{private}: the private dir must not be inside the shareable output {out}")
+    for spec in specs:
+        if spec.path.resolve() == out or out in spec.path.resolve().parents:
+            raise UserFacingError(f"{spec.path}: input lies inside the output folder {out}")
+
+
+def _make_folders(out: Path, private: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        private.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserFacingError(f"cannot create output folders {out} / {private}: {exc}") from exc
+    os.chmod(private, 0o700)  # salt, linkage and rejects name the sources: this user's eyes only
 
 
 def _build(specs: list[InputSpec], out: Path, private: Path, cfg: BuildConfig, excl: set[str], salt: bytes,
