@@ -411,6 +411,7 @@ def series_to_nifti(dicom_dir: Path, out: Path) -> Path:
     import nibabel as nib
     import numpy as np
 
+    from mim_scale.fileutil import atomic_path
     from mim_scale.shards.dicom import list_files, load_series
     from mim_scale.shards.format import affine_ras
 
@@ -422,9 +423,8 @@ def series_to_nifti(dicom_dir: Path, out: Path) -> Path:
                           np.asarray(affine_ras(vol.spacing, vol.origin, vol.direction)))
     img.header.set_xyzt_units("mm")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.nii.gz")
-    nib.save(img, str(tmp))
-    tmp.replace(out)
+    with atomic_path(out, tmp_path=out.with_name(f".{out.name}.tmp.nii.gz")) as tmp:  # nibabel reads the suffix
+        nib.save(img, str(tmp))
     return out
 
 
