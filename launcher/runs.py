@@ -68,7 +68,7 @@ def read_text(path: str | Path) -> str | None:
 def write_text(path: str | Path, text: str) -> None:
     path = str(path)
     if "://" not in path:
-        from mim_scale.engine.checkpoint import write_atomic
+        from mim_scale.fileutil import write_atomic
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(Path(path), text)
