@@ -19,6 +19,7 @@ at once with the tail of its traceback and the log file that holds the rest (``l
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -42,11 +43,31 @@ def describe_failure(exc: BaseException) -> dict[str, str]:
         return {"kind": "error", "type": type(base).__name__, "message": str(base).strip(),
                 "traceback": str(getattr(base, "mim_traceback", None) or exc).strip()}
     died = getattr(exc, "health_check_failure", None)  # WorkerHealthCheckFailedError
-    if died is not None:
-        return {"kind": "died", "type": type(died).__name__, "message": str(exc).strip(), "traceback": ""}
+    if died is not None:  # its own text opens with a dump of Ray's worker record: keep the death cause only
+        return {"kind": "died", "type": type(died).__name__, "message": death_cause(str(died)), "traceback": ""}
     # the bare exception (what the controller's callbacks get); train_worker attached its traceback text
     return {"kind": "error", "type": type(exc).__name__, "message": str(exc).strip(),
             "traceback": str(getattr(exc, "mim_traceback", "") or "").strip()}
+
+
+_EXIT = re.compile(r"Worker exit type: *(\S+) *Worker exit detail: *(.*?)(?= Some common causes|\n|$)", re.S)
+# a survivor's error when a peer vanished mid-collective: a consequence of another rank's failure
+_LOST_PEER = re.compile(r"gloo|NCCL|Connection (reset|closed)|connection refused|Broken pipe|timed? ?out", re.I)
+
+
+def death_cause(text: str) -> str:
+    """Why Ray says a worker process died (``Worker exit type: ... detail: ...``: the OOM killer, a signal, a
+    lost node), without the actor and worker attribute dumps around it."""
+    m = _EXIT.search(text)
+    if m:
+        return f"exit type {m.group(1)}: {' '.join(m.group(2).split())}"
+    plain = [ln.strip() for ln in text.splitlines() if ln.strip() and "=" not in ln and not ln.startswith("\t")]
+    return plain[0] if plain else "no reason given"
+
+
+def is_consequence(failure: dict[str, str]) -> bool:
+    """A Python error that says a collective lost its peer (gloo/NCCL connection reset, timeout)."""
+    return failure.get("kind") == "error" and bool(_LOST_PEER.search(failure.get("message", "")))
 
 
 class ControllerEvents(UserCallback):
@@ -76,14 +97,15 @@ class ControllerEvents(UserCallback):
 
 
 def format_failure(run_dir: Path, rank: int | str, failure: dict[str, str], *, tail: int | None) -> list[str]:
-    """Lines for one worker's failure: what failed, the traceback (its last ``tail`` lines; all if None),
-    and the log file with the rest."""
+    """Lines for one worker's failure: what failed, the traceback (its last ``tail`` lines; all if None; one
+    line in all when 0), and the log file with the rest."""
     log_file = Path(run_dir) / rundir.worker_log(int(rank))
     if failure.get("kind") == "died":
-        lines = [f"worker rank {rank} died: its process ended without a Python error (killed by the system, e.g. "
-                 "out of memory, or SIGKILL, or its node was lost). Ray says:"]
-        said = [ln for ln in failure.get("message", "").splitlines() if ln.strip()]
-        lines += [f"    {ln.strip()}" for ln in said[: (tail or len(said)) + 2]]
+        lines = [f"worker rank {rank} died without a Python error (the system killed it: out of memory, a signal, "
+                 "or its node was lost)", f"    Ray: {failure.get('message', '')}"]
+    elif tail == 0:  # a consequence of another rank's failure
+        return [f"worker rank {rank} failed as a result ({failure.get('type')}: "
+                f"{_first_line(failure.get('message', ''))[:120]}); log: {log_file}"]
     else:
         lines = [f"worker rank {rank} failed: {failure.get('type')}: {_first_line(failure.get('message', ''))}"]
         tb = [ln for ln in failure.get("traceback", "").splitlines() if ln.strip()]
@@ -204,8 +226,14 @@ class RunWatcher:
         if event.get("event") == "checkpoint" and event.get("step") is not None:
             self.last_checkpoint = int(event["step"])
         elif event.get("event") == "failure":
-            for rank, failure in (event.get("ranks") or {}).items():
+            ranks = event.get("ranks") or {}
+            # a death or a plain error first; ranks that only lost their peer in a collective, one line each
+            causes = {r: f for r, f in ranks.items() if not is_consequence(f)}
+            for rank, failure in (causes or ranks).items():
                 self.show_failure(rank, failure, tail=TRACEBACK_TAIL_LINES)
+            for rank, failure in ranks.items():
+                if causes and rank not in causes:
+                    self.show_failure(rank, failure, tail=0)
 
     def show_failure(self, rank: int | str, failure: dict[str, str], *, tail: int | None) -> None:
         key = (str(rank), failure.get("type", ""), _first_line(failure.get("message", "")))

@@ -105,15 +105,22 @@ class _ToFiles(logging.Filter):
     errors go on to that handler (the terminal)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(record, "_mim_filed", False):  # once, though both the logger and its handler filter it
-            record._mim_filed = True
-            for handler in logging.getLogger().handlers:
-                if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
-                    handler.handle(record)
-        return record.levelno >= logging.ERROR
+        if getattr(record, "_mim_filed", False):  # seen by the logger's filter already (this is its handler's)
+            return record.levelno >= logging.ERROR and _ACTIVE is None
+        record._mim_filed = True
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+                handler.handle(record)
+        if record.levelno < logging.ERROR:
+            return False
+        if _ACTIVE is not None:  # an error while a bar is drawn: on its own line above the bar
+            _ACTIVE.write(f"({record.name.split('.')[0]}) {record.getMessage()}")
+            return False
+        return True
 
 
 _TO_FILES = _ToFiles()
+_ACTIVE: Progress | None = None  # the progress bar on the terminal now, if any (third-party errors print above it)
 
 
 def quiet_third_party() -> None:
@@ -231,6 +238,8 @@ class Progress:
             self._bar = tqdm(total=self.total, desc=desc, unit=unit, file=self.stream, leave=True,
                              dynamic_ncols=width > 0, ncols=None if width > 0 else 120, nrows=None if width > 0 else 40,
                              bar_format="{desc} {bar:10} {n_fmt}/{total_fmt} {unit}s{postfix}")
+            global _ACTIVE
+            _ACTIVE = self
 
     def update(self, n: int | None = None, text: str | None = None) -> None:
         """Move to position ``n`` (absolute: a restart may go back) and/or show ``text`` beside it."""
@@ -260,6 +269,9 @@ class Progress:
             print(text, file=self.stream, flush=True)
 
     def close(self) -> None:
+        global _ACTIVE
+        if _ACTIVE is self:
+            _ACTIVE = None
         if self._bar is not None:
             self._bar.n = self.n
             self._bar.set_postfix_str(self.text, refresh=False)

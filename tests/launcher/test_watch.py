@@ -75,16 +75,38 @@ def test_progress_and_failures_from_the_run_folder(tmp_path):
     assert "\r" not in text
 
 
-def test_a_killed_worker_is_reported_with_rays_reason(tmp_path):
-    class Died(Exception):
-        health_check_failure = RuntimeError("ActorDiedError")
+# Ray 2.60's account of a SIGKILLed worker, as a drill recorded it (`--fault kill:1:5`): a worker record dump,
+# then the death cause
+RAY_DEATH = """The actor died unexpectedly before finishing this task.
+\tclass_name: RayTrainWorker
+\tactor_id: 67df70c8bd5cd345c5ab03db01000000
+\tpid: 5595
+\tip: 192.0.2.2
+The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker \
+unexpectedly exits with a connection error code 2. End of file. Some common causes include: (1) the process was \
+killed by the OOM killer due to high memory usage, (2) ray stop --force was called"""
 
-    failure = describe_failure(Died("Worker health check failed.\nThe actor died: killed by the memory monitor "
-                                    "(out of memory)"))
-    assert failure["kind"] == "died"
+
+def test_a_killed_worker_is_reported_with_rays_reason_first(tmp_path):
+    class HealthCheckFailed(Exception):  # what the controller holds for a dead worker process
+        def __init__(self, message, failure):
+            super().__init__(message)
+            self.health_check_failure = failure
+
+    died = describe_failure(HealthCheckFailed("A worker health check failed.\nWorker info: Worker(\n  actor=Actor("
+                                              "RayTrainWorker, 67df)\n)", RuntimeError(RAY_DEATH)))
+    assert died["kind"] == "died"
+    survivor = {"kind": "error", "type": "RuntimeError", "traceback": "Traceback ...\n  dist.all_reduce(...)",
+                "message": "[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:23748: Connection reset by peer."}
     stream = io.StringIO()
     watcher = RunWatcher(tmp_path, 4, Progress("pretrain", 4, stream=stream))
-    watcher.show_failure(0, failure, tail=10)
-    text = stream.getvalue()
-    assert "worker rank 0 died" in text and "killed by the memory monitor (out of memory)" in text
-    assert "rank-0.log" in text
+    _event(tmp_path, {"event": "failure", "ranks": {"0": survivor, "1": died}})
+    watcher.poll()
+    lines = [ln for ln in stream.getvalue().splitlines() if not ln.startswith("pretrain ")]
+    # the cause first, with Ray's reason and no dump of its worker record; the survivor in one line after it
+    assert lines[0].startswith("worker rank 1 died without a Python error")
+    assert lines[1] == ("    Ray: exit type SYSTEM_ERROR: Worker unexpectedly exits with a connection error code 2. "
+                        "End of file.")
+    assert lines[2] == f"    full log: {tmp_path / 'logs' / 'rank-1.log'}"
+    assert lines[3].startswith("worker rank 0 failed as a result (RuntimeError: [gloo") and "rank-0.log" in lines[3]
+    assert not any(re.search(r"\w+\(\w+=", ln) for ln in lines)
