@@ -8,6 +8,7 @@ Reads the files with ``ast`` (nothing is imported), so it takes well under a sec
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,3 +161,13 @@ def test_no_module_imports_a_later_stage():
     back = sorted(f"{m} ({STAGES[stage_of(m)][0]}) imports {d} ({STAGES[stage_of(d)][0]})"
                   for m, deps in graph.items() for d in deps if stage_of(d) > stage_of(m) and (m, d) not in LOOPS_BACK)
     assert back == []
+
+
+def test_every_module_has_a_line_in_the_architecture_doc():
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    missing = sorted(str(path.relative_to(ROOT)) for mod, path in _modules().items()
+                     if path.name != "__init__.py" and f"`{path.relative_to(ROOT).as_posix()}`" not in doc)
+    assert missing == [], f"add a line for each to docs/ARCHITECTURE.md, under its stage: {missing}"
+    stale = sorted(p for p in re.findall(r"`((?:mim_scale|shards|launcher|ops)/[\w/]+\.py)`", doc)
+                   if not (ROOT / p).is_file())
+    assert stale == [], f"docs/ARCHITECTURE.md names modules that do not exist: {stale}"
