@@ -11,8 +11,9 @@ in float32 on the CPU) evaluated once for every int16 value, copied to the devic
 device then gives the CPU reference's float32 bits exactly, whatever its arithmetic does with a division
 by a scalar (CUDA turns ``x / c`` into ``x * (1 / c)``, which can differ in the last bit). The lookup is
 three light elementwise passes (widen to an int32 index, offset it, gather from a table small enough to stay
-in cache), about the cost of the formula's four (cast, clamp, subtract, divide): a few tens of microseconds
-for a 192^3 crop on a current GPU. The table is 256 KiB, kept per (window, device).
+in cache), about the cost of the formula's four (cast, clamp, subtract, divide): ~50 us
+for a 192^3 crop at H200 bandwidth (an estimate; gpu/data_check.py measures it). The table is 256 KiB, kept
+per (window, device).
 """
 
 from __future__ import annotations
