@@ -128,7 +128,7 @@ def quiet_third_party() -> None:
 
     Both libraries give their logger its own terminal handler and stop propagation (Ray when it is imported,
     DeepSpeed when it is imported, with a warning about the accelerator it detects at that moment). Called at
-    set-up and again once Ray is imported (:func:`mim_scale.launcher.ray_train.ensure_ray`): a filter on the
+    set-up and again once Ray is imported (:func:`mim_scale.ray_session.start_or_join`): a filter on the
     logger survives their setLevel and catches DeepSpeed's import-time warning; one on each handler catches
     what child loggers propagate."""
     if verbose():
@@ -230,6 +230,7 @@ class Progress:
         self._last_plain: float | None = None
         self._plain_printed: tuple[int, str] | None = None
         self._bar = None
+        self._drawn = False
         if self.tty:
             from tqdm import tqdm
 
@@ -243,6 +244,9 @@ class Progress:
 
     def update(self, n: int | None = None, text: str | None = None) -> None:
         """Move to position ``n`` (absolute: a restart may go back) and/or show ``text`` beside it."""
+        if (n is None or int(n) == self.n) and (text is None or text == self.text) and self._drawn:
+            return  # nothing new to draw (the watcher polls twice a second)
+        self._drawn = True
         if n is not None:
             self.n = int(n)
         if text is not None:
