@@ -82,12 +82,8 @@ def _check_affine(affine: np.ndarray, which: str, path: str) -> None:
         raise _bad(which, "columns are not orthogonal (shear, tilt or a singular matrix)", path, "sheared_affine")
 
 
-def check_header(header: nib.Nifti1Header, path: str, limits: MemoryLimits, file_size: int | None = None) -> NiftiLayout:
-    """Validate a NIfTI-1/2 header field by field -> :class:`NiftiLayout`; raises InputRejected naming the field.
-
-    Order: the container (magic, dim, datatype) -> size (memory caps, before anything is allocated) ->
-    vox_offset -> geometry (pixdim, codes, quaternion, affines, units) -> scaling.
-    """
+def _check_container(header: nib.Nifti1Header, path: str) -> tuple[list[int], np.dtype]:
+    """magic, dim, datatype, bitpix -> (shape as (I, J, K) after dropping trailing 1s, stored dtype)."""
     nifti2 = isinstance(header, nib.Nifti2Header)
     magic = bytes(header["magic"]).rstrip(b"\0")
     if magic != (b"n+2" if nifti2 else b"n+1"):
@@ -110,19 +106,25 @@ def check_header(header: nib.Nifti1Header, path: str, limits: MemoryLimits, file
         raise _bad("datatype", f"{dtype} (code {int(header['datatype'])}) is not a real scalar type", path)
     if int(header["bitpix"]) != 8 * dtype.itemsize:
         raise _bad("bitpix", f"{int(header['bitpix'])} for a {dtype.itemsize}-byte {dtype}", path)
-    limits.check_source(tuple(shape), dtype.itemsize, path)
+    return shape, dtype
+
+
+def _check_vox_offset(header: nib.Nifti1Header, data_bytes: int, path: str, limits: MemoryLimits,
+                      file_size: int | None) -> int:
+    """vox_offset -> bytes before the data; the file (when its size is known) must hold offset + data_bytes."""
     offset_f = float(header["vox_offset"])
     min_offset = int(header["sizeof_hdr"]) + 4
     if not math.isfinite(offset_f) or offset_f != int(offset_f) or not min_offset <= offset_f <= limits.header_bytes:
         raise _bad("vox_offset", f"{offset_f} (must be an integer from {min_offset} to {limits.header_bytes})", path)
     offset = int(offset_f)
-    data_bytes = math.prod(shape) * dtype.itemsize
     if file_size is not None and offset + data_bytes > file_size:
         raise InputRejected("truncated", f"{file_size} bytes, header declares {offset + data_bytes}", path)
+    return offset
 
-    pixdim = np.asarray(header["pixdim"][:4], dtype=np.float64)
-    if not np.all(np.isfinite(pixdim[1:4])) or not np.all(pixdim[1:4] > 0):
-        raise _bad("pixdim[1:4]", f"voxel sizes {pixdim[1:4].tolist()} must be finite and positive", path, "absurd_spacing")
+
+def _checked_xforms(header: nib.Nifti1Header, qfac: float, path: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """qform/sform codes, the quaternion (with ``qfac`` = pixdim[0]) and each affine set -> (qform, sform),
+    None where its code is 0; at least one is set."""
     qcode, scode = int(header["qform_code"]), int(header["sform_code"])
     if qcode not in _XFORM_CODES or scode not in _XFORM_CODES:
         raise _bad("qform_code/sform_code", f"{qcode}/{scode} (must be 0..5)", path, "missing_orientation")
@@ -130,8 +132,8 @@ def check_header(header: nib.Nifti1Header, path: str, limits: MemoryLimits, file
         raise _bad("qform_code/sform_code", "both 0: the header gives no patient orientation", path, "missing_orientation")
     qform = sform = None
     if qcode > 0:
-        if pixdim[0] not in (-1.0, 0.0, 1.0):
-            raise _bad("pixdim[0]", f"qfac {pixdim[0]} (must be -1 or 1)", path)
+        if qfac not in (-1.0, 0.0, 1.0):
+            raise _bad("pixdim[0]", f"qfac {qfac} (must be -1 or 1)", path)
         quat = np.asarray([header["quatern_b"], header["quatern_c"], header["quatern_d"]], dtype=np.float64)
         offs = np.asarray([header["qoffset_x"], header["qoffset_y"], header["qoffset_z"]], dtype=np.float64)
         if not np.all(np.isfinite(quat)) or not np.all(np.isfinite(offs)) or float(quat @ quat) > 1.0 + 1e-5:
@@ -141,6 +143,16 @@ def check_header(header: nib.Nifti1Header, path: str, limits: MemoryLimits, file
     if scode > 0:
         sform = header.get_sform()
         _check_affine(sform, "sform", path)
+    return qform, sform
+
+
+def _check_geometry(header: nib.Nifti1Header, path: str) -> np.ndarray:
+    """pixdim, codes, quaternion, affines (agreeing with each other and with pixdim), units -> 4x4 RAS
+    affine in mm (the sform when set, else the qform)."""
+    pixdim = np.asarray(header["pixdim"][:4], dtype=np.float64)
+    if not np.all(np.isfinite(pixdim[1:4])) or not np.all(pixdim[1:4] > 0):
+        raise _bad("pixdim[1:4]", f"voxel sizes {pixdim[1:4].tolist()} must be finite and positive", path, "absurd_spacing")
+    qform, sform = _checked_xforms(header, pixdim[0], path)
     if qform is not None and sform is not None:
         (qs, qd, qo), (ss, sd, so) = _xform_parts(qform), _xform_parts(sform)
         if (np.max(np.abs(qd - sd)) > _XFORM_DIRECTION_ATOL or np.max(np.abs(qs - ss) / ss) > _XFORM_SPACING_RTOL
@@ -159,10 +171,28 @@ def check_header(header: nib.Nifti1Header, path: str, limits: MemoryLimits, file
         affine = affine.copy()
         affine[:3, :] *= _MM_PER_UNIT[unit]
         _check_affine(affine, f"affine in mm (unit code {unit})", path)
+    return affine
+
+
+def _check_scaling(header: nib.Nifti1Header, path: str) -> tuple[float | None, float | None]:
+    """scl_slope/scl_inter -> (slope, inter), both None when unscaled (slope 0 or NaN)."""
     try:
-        slope, inter = header.get_slope_inter()
+        return header.get_slope_inter()
     except Exception as exc:  # noqa: BLE001 - HeaderDataError for a valid slope with a non-finite intercept
         raise _bad("scl_inter", f"{float(header['scl_inter'])} with scl_slope {float(header['scl_slope'])}", path) from exc
+
+
+def check_header(header: nib.Nifti1Header, path: str, limits: MemoryLimits, file_size: int | None = None) -> NiftiLayout:
+    """Validate a NIfTI-1/2 header field by field -> :class:`NiftiLayout`; raises InputRejected naming the field.
+
+    Order: the container (magic, dim, datatype, bitpix) -> size (memory caps, before anything is allocated)
+    -> vox_offset -> geometry (pixdim, codes, quaternion, affines, units) -> scaling; the first failure wins.
+    """
+    shape, dtype = _check_container(header, path)
+    limits.check_source(tuple(shape), dtype.itemsize, path)
+    offset = _check_vox_offset(header, math.prod(shape) * dtype.itemsize, path, limits, file_size)
+    affine = _check_geometry(header, path)
+    slope, inter = _check_scaling(header, path)
     return NiftiLayout(tuple(shape), dtype, offset, slope, inter, affine)  # type: ignore[arg-type]
 
 
@@ -179,57 +209,71 @@ def _read_exactly(stream: BinaryIO, n: int, path: str) -> bytearray:
     return buf
 
 
-def load_nifti(path: str, limits: MemoryLimits | None = None) -> Volume:
-    """Read one NIfTI file -> float32 Volume, array (K, J, I) = (D, H, W) in LPS; raises InputRejected with a
-    named reason on bad input. ``limits`` bounds what is allocated (default: the default worker memory)."""
-    limits = limits or MemoryLimits()
+def _open(path: str) -> BinaryIO:
+    """Open ``path`` for reading; an OS error becomes InputRejected("unreadable")."""
     try:
-        f = fileio.open_input(path)
+        return fileio.open_input(path)
     except PermissionError as exc:
         raise InputRejected("unreadable", f"PermissionError: {exc}", path) from exc
     except OSError as exc:
         raise InputRejected("unreadable", f"{type(exc).__name__}: {exc}", path) from exc
+
+
+def _read_header(f: BinaryIO, path: str) -> tuple[nib.Nifti1Header, bool]:
+    """The first 348 (NIfTI-1) or 540 (NIfTI-2) bytes, unchecked -> (header, gzipped); reads from the start."""
+    first = f.read(2)
+    if not first:
+        raise InputRejected("empty_file", "0 bytes", path)
+    gz = first == b"\x1f\x8b"
+    f.seek(0)
+    stream = gzip.GzipFile(fileobj=f) if gz else f
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            header_bytes = stream.read(540)
+            if len(header_bytes) < 348:
+                raise InputRejected("truncated", f"{len(header_bytes)} header bytes", path)
+            sizeof_hdr = {int.from_bytes(header_bytes[:4], e) for e in ("little", "big")}
+            if 348 in sizeof_hdr:
+                return nib.Nifti1Header(header_bytes[:348], check=False), gz
+            if 540 in sizeof_hdr and len(header_bytes) == 540:
+                return nib.Nifti2Header(header_bytes[:540], check=False), gz
+            raise InputRejected("read_failed", "not a NIfTI-1/2 header (sizeof_hdr is not 348 or 540)", path)
+    except InputRejected:
+        raise
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise InputRejected("truncated", f"{type(exc).__name__}: {exc}"[:200], path) from exc
+    except Exception as exc:  # noqa: BLE001
+        raise InputRejected("read_failed", f"not a NIfTI header: {type(exc).__name__}: {exc}"[:200], path) from exc
+
+
+def _read_declared(f: BinaryIO, gz: bool, n: int, path: str) -> bytearray:
+    """The first ``n`` bytes of the file (inflated when ``gz``), read from the start."""
+    f.seek(0)
+    stream = gzip.GzipFile(fileobj=f) if gz else f
+    try:
+        # read only what the header declares: a gzip bomb after the data is never inflated
+        return _read_exactly(stream, n, path)
+    except InputRejected:
+        raise
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise InputRejected("truncated", f"{type(exc).__name__}: {exc}"[:200], path) from exc
+
+
+def load_nifti(path: str, limits: MemoryLimits | None = None) -> Volume:
+    """Read one NIfTI file -> float32 Volume, array (K, J, I) = (D, H, W) in LPS; raises InputRejected with a
+    named reason on bad input. ``limits`` bounds what is allocated (default: the default worker memory)."""
+    limits = limits or MemoryLimits()
+    f = _open(path)
     with f:
-        first = f.read(2)
-        if not first:
-            raise InputRejected("empty_file", "0 bytes", path)
-        gz = first == b"\x1f\x8b"
-        f.seek(0)
-        stream = gzip.GzipFile(fileobj=f) if gz else f
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                header_bytes = stream.read(540)
-                if len(header_bytes) < 348:
-                    raise InputRejected("truncated", f"{len(header_bytes)} header bytes", path)
-                sizeof_hdr = {int.from_bytes(header_bytes[:4], e) for e in ("little", "big")}
-                if 348 in sizeof_hdr:
-                    header = nib.Nifti1Header(header_bytes[:348], check=False)
-                elif 540 in sizeof_hdr and len(header_bytes) == 540:
-                    header = nib.Nifti2Header(header_bytes[:540], check=False)
-                else:
-                    raise InputRejected("read_failed", "not a NIfTI-1/2 header (sizeof_hdr is not 348 or 540)", path)
-        except InputRejected:
-            raise
-        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
-            raise InputRejected("truncated", f"{type(exc).__name__}: {exc}"[:200], path) from exc
-        except Exception as exc:  # noqa: BLE001
-            raise InputRejected("read_failed", f"not a NIfTI header: {type(exc).__name__}: {exc}"[:200], path) from exc
+        header, gz = _read_header(f, path)
         file_size = None if gz else _size(f)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             layout = check_header(header, path, limits, file_size)
         ni, nj, nk = layout.shape_ijk
         count = ni * nj * nk
-        f.seek(0)
-        stream = gzip.GzipFile(fileobj=f) if gz else f
-        try:
-            # read only what the header declares: a gzip bomb after the data is never inflated
-            raw = _read_exactly(stream, layout.offset + count * layout.dtype.itemsize, path)
-        except InputRejected:
-            raise
-        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
-            raise InputRejected("truncated", f"{type(exc).__name__}: {exc}"[:200], path) from exc
+        raw = _read_declared(f, gz, layout.offset + count * layout.dtype.itemsize, path)
     # i varies fastest in the file: the bytes are the C-order (k, j, i) array, ITK order, without a copy
     stored = np.frombuffer(raw, dtype=layout.dtype, count=count, offset=layout.offset).reshape(nk, nj, ni)
     arr = stored.astype(np.float32)
