@@ -33,6 +33,7 @@ from mim_scale.config import Config, from_dict
 from mim_scale.launcher.driver_files import RayRunFiles, start_run_folder
 from mim_scale.metrics import resolve_addr
 from mim_scale.rundir import RunFiles
+from mim_scale.ray_session import start_or_join, submitted_job_address, submitted_job_env_vars  # noqa: F401
 from mim_scale.engine.loop import Reporter, configure_logging, parse_drill, parse_fault, run_training
 from mim_scale.errors import UserFacingError
 from mim_scale.recipe import allowed_worker_counts, global_batch_crops, grad_accum_for, resolve, training_volume_count
@@ -356,55 +357,14 @@ def worker_env(cfg: Config, extra: dict[str, str] | None = None) -> dict[str, st
     return env
 
 
-def submitted_job_address() -> str | None:
-    """The cluster of the Ray job this process is the driver of (``ray job submit ... -- mim-scale ...``), else
-    None. Ray's job supervisor gives a job's driver ``RAY_JOB_CONFIG_JSON_ENV_VAR`` (the job's runtime_env)
-    and ``RAY_ADDRESS`` (its cluster's GCS address); a ``RAY_ADDRESS`` exported in a shell alone (often the
-    dashboard's http:// URL, for ``ray job submit``) is not taken as a request to join."""
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
-        return None
-    address = os.environ.get("RAY_ADDRESS", "")
-    return address if address and "://" not in address else "auto"
-
-
-def submitted_job_env_vars() -> set[str]:
-    """Names of the environment variables the submitted job's runtime_env sets (none outside a job)."""
-    import json
-
-    try:
-        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
-        return set(((job.get("runtime_env") or {}).get("env_vars") or {}).keys())
-    except (ValueError, AttributeError):
-        return set()
-
-
 def ensure_ray(cfg: Config, env: dict[str, str] | None = None) -> bool:
-    """Connect to ``launch.address`` or start a local cluster; returns True if this call started Ray.
-
-    The same rule serves every stage that runs on Ray (training, ``mim-scale shards build``): an address
-    ("auto", "host:6379", "ray://host:10001") joins that cluster; without one, the driver of a submitted
-    Ray job joins its job's cluster (:func:`submitted_job_address`), anything else starts one on this machine.
-    """
-    import ray
-
-    console.quiet_third_party()  # Ray's own terminal handler exists now that ray is imported
-    if ray.is_initialized():
-        return False
-    env = worker_env(cfg, env)
-    address = cfg.launch.address or submitted_job_address()
-    if address and not cfg.launch.address:  # a job's own runtime_env wins on a shared variable (Ray refuses both)
-        env = {k: v for k, v in env.items() if k not in submitted_job_env_vars()}
+    """Connect to ``launch.address``, or a submitted job's cluster, or start a local cluster sized for
+    ``launch.workers`` (:func:`mim_scale.ray_session.start_or_join`, the rule every stage shares); returns True
+    if this call started Ray. Workers get :func:`worker_env`."""
+    num_cpus = cfg.launch.ray_num_cpus or max(os.cpu_count() or 1, int(cfg.launch.workers * cfg.launch.cpus_per_worker))
     # quiet (the default): workers write the run folder's logs/rank-N.log instead of streaming to this terminal
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": console.verbose()}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        num_cpus = cfg.launch.ray_num_cpus or max(os.cpu_count() or 1, int(cfg.launch.workers * cfg.launch.cpus_per_worker))
-        # "local", not None: None would join whatever cluster /tmp/ray/ray_current_cluster names (any
-        # `ray start` on this machine, anyone's), and then fail on num_cpus.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, object_store_memory=256 * 2**20,
-                 **kwargs)
-    return True
+    return start_or_join(cfg.launch.address, local_cpus=num_cpus, env_vars=worker_env(cfg, env),
+                         object_store_bytes=256 * 2**20, log_to_driver=console.verbose())
 
 
 def check_init(cfg: Config, init: Path) -> Path:

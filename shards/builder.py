@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 from mim_scale.errors import UserFacingError
 from mim_scale.fileutil import fsync_dir
+from mim_scale.ray_session import start_or_join
 from mim_scale.shards import dicom, formats, metrics, outputs, recipes
 from mim_scale.shards.format import CODECS, MANIFEST_NAME, ShardInfo
 from mim_scale.shards.inputs import InputSpec, parse_inputs
@@ -283,18 +284,10 @@ class _RayPool:
         import ray
 
         self._ray = ray
-        self.started = False
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
-            if address:
-                kwargs["address"] = address
-            else:
-                kwargs["address"] = "local"  # never join an unrelated cluster this machine happens to run
-                kwargs["num_cpus"] = workers or os.cpu_count() or 1
-                kwargs["object_store_memory"] = 512 << 20
-                kwargs["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": "1"}}
-            ray.init(**kwargs)
-            self.started = True
+        # the rule every stage shares: an address, else a submitted job's cluster, else a private local one
+        self.started = start_or_join(address, local_cpus=workers or os.cpu_count() or 1,
+                                     env_vars={"OMP_NUM_THREADS": "1"}, object_store_bytes=512 << 20,
+                                     log_to_driver=False)
         cpus = int(ray.available_resources().get("CPU", 1)) or 1
         self.workers = workers or cpus
         self.max_in_flight = max_in_flight or 2 * self.workers

@@ -22,7 +22,7 @@ PACKAGES = {"mim_scale": ROOT / "mim_scale", "mim_scale.shards": ROOT / "shards"
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("mim_scale.errors", "mim_scale.fileutil", "mim_scale.tomltree", "mim_scale.config", "mim_scale.rundir",
               "mim_scale.export_store", "mim_scale.data.s3cat", "mim_scale.tensorboard", "mim_scale.model_card",
-              "mim_scale.console", "mim_scale.configs")),
+              "mim_scale.console", "mim_scale.ray_session", "mim_scale.configs")),
     ("ops", ("mim_scale.ops",)),
     ("shards", ("mim_scale.shards", "mim_scale.sample_data")),
     ("stream", ("mim_scale.data", "mim_scale.recipe")),
