@@ -141,18 +141,16 @@ class TrainMetrics:
         def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
             return Counter(name, doc, base + extra, registry=r)
 
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, base, buckets=buckets, registry=r)
+
         self._step = gauge("mim_step", "Optimizer step the worker last finished.")
         self._steps = counter("mim_steps", "Steps finished by this process.")
         self._last_step_ts = gauge(
             "mim_last_step_timestamp_seconds", "Unix time of the last finished step (start time before the first)."
         )
-        self._step_seconds = Histogram(
-            "mim_step_duration_seconds",
-            "Wall time of one step, including the data wait.",
-            base,
-            buckets=STEP_BUCKETS,
-            registry=r,
-        )
+        self._step_seconds = histogram("mim_step_duration_seconds", "Wall time of one step, including the data wait.",
+                                       STEP_BUCKETS)
         self._data_wait = counter("mim_data_wait_seconds", "Step time spent waiting for the next batch.")
         self._crops = counter("mim_crops", "Crops trained on (each yields every level's views).")
         self._volumes = counter("mim_volumes", "Volume reads the trained crops came from.")
@@ -166,13 +164,8 @@ class TrainMetrics:
         self._grad_norm = gauge("mim_grad_norm", "Global gradient norm of the last step.")
         self._mfu = gauge("mim_mfu", "Model FLOPs utilisation (0-1) of the last step.")
         self._collapse = gauge("mim_collapse_std", "Std of normalised embeddings per level; near 0 = collapse.", ("level",))
-        self._ckpt_seconds = Histogram(
-            "mim_checkpoint_duration_seconds",
-            "Time to write one checkpoint.",
-            base,
-            buckets=CHECKPOINT_BUCKETS,
-            registry=r,
-        )
+        self._ckpt_seconds = histogram("mim_checkpoint_duration_seconds", "Time to write one checkpoint.",
+                                       CHECKPOINT_BUCKETS)
         self._ckpt_bytes = counter("mim_checkpoint_written_bytes", "Bytes written by checkpoints.")
         self._last_ckpt_ts = gauge("mim_last_checkpoint_timestamp_seconds", "Unix time of the last finished checkpoint.")
         self._restarts = counter("mim_restarts", "Restarts of the run so far (kept in the checkpoint metadata).")
