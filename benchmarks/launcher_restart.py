@@ -56,7 +56,8 @@ def run_bench(*, config: str, shards: Path, workers: int, use_gpu: bool, steps: 
     import ray
 
     from mim_scale.config import load_config
-    from mim_scale.launcher.ray_train import ensure_ray, pretrain
+    from mim_scale.launcher.cluster import ensure_ray
+    from mim_scale.launcher.ray_train import pretrain
 
     interval = max(1, kill_step - 2)
     cfg = load_config(config, [f"data.shards={shards}", f"train.steps={steps}", f"train.checkpoint_every={interval}",

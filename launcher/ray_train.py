@@ -16,12 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import shutil
-import signal
 import socket
-import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -30,164 +25,22 @@ from typing import Any
 
 from mim_scale import console, rundir
 from mim_scale.config import Config, from_dict
+from mim_scale.launcher.cluster import ensure_ray, worker_env
 from mim_scale.launcher.driver_files import RayRunFiles, start_run_folder
+from mim_scale.launcher.elastic import check_elastic, worker_range
+from mim_scale.launcher.ray_reporter import RayReporter, parse_ckpt_fault
 from mim_scale.metrics import resolve_addr
 from mim_scale.rundir import RunFiles
-from mim_scale.ray_session import start_or_join, submitted_job_address, submitted_job_env_vars  # noqa: F401
-from mim_scale.engine.loop import Reporter, configure_logging, parse_drill, parse_fault, run_training
+from mim_scale.engine.loop import configure_logging, parse_fault, run_training
 from mim_scale.errors import UserFacingError
-from mim_scale.recipe import allowed_worker_counts, global_batch_crops, grad_accum_for, resolve, training_volume_count
-from mim_scale.launcher.runs import STOP_FILE, DriverRecord, clear_stop_request, stop_was_requested
+from mim_scale.recipe import resolve, training_volume_count
+from mim_scale.launcher.runs import DriverRecord, clear_stop_request, stop_was_requested
 
 log = logging.getLogger("mim_scale.launcher")
 
 # How often a healthy elastic group looks for room to grow back to launch.workers (a resize restarts the group
 # from its last checkpoint, so not too often).
 ELASTIC_RESIZE_SECONDS = float(os.environ.get("MIM_SCALE_ELASTIC_RESIZE_SECONDS", "60"))
-# How long a worker waits, after a save, for Ray to list the checkpoint as committed (see RayReporter).
-COMMIT_WAIT_SECONDS = float(os.environ.get("MIM_SCALE_COMMIT_WAIT_SECONDS", "120"))
-
-
-class RayReporter(Reporter):
-    """Checkpoints go through ``ray.train.report``: each rank hands over its own files, Ray merges them.
-
-    ``stop_requested()`` is true once ``mim-scale stop`` wrote the run's stop request (see
-    :mod:`mim_scale.launcher.runs`); a background thread polls for it so a step costs no file-system call.
-    ``ckpt_fault`` (drills only, on a worker that started fresh, not after a restart) SIGKILLs rank RANK
-    in the middle of saving step STEP: ``write:RANK:STEP`` while it writes its files,
-    ``upload:RANK:STEP`` after it wrote them and before it hands them to Ray (the other ranks upload
-    theirs: the storage then holds an incomplete checkpoint folder that Ray never commits).
-    """
-
-    def __init__(self, run_dir: Path, *, stop_uri: str | None = None, ckpt_fault: str | None = None,
-                 rank: int = 0, poll_seconds: float = 2.0, run_uri: str | None = None, files=None):
-        super().__init__(run_dir, files=files)
-        self._run_uri = run_uri  # STORAGE/NAME, where Ray keeps the run's checkpoints and their list
-        self._stack = ExitStack()
-        self._scratch: Path | None = None
-        self._rank = rank
-        self._resumed = False
-        self._ckpt_fault = parse_ckpt_fault(ckpt_fault)
-        self._stop = threading.Event()
-        self._closed = threading.Event()
-        self._stop_paths = [str(Path(run_dir) / STOP_FILE)] + ([f"{stop_uri.rstrip('/')}/{STOP_FILE}"] if stop_uri else [])
-        self._poller = threading.Thread(target=self._poll_stop, args=(poll_seconds,), daemon=True,
-                                        name="mim-stop-poller")
-        self._poller.start()
-
-    def _poll_stop(self, every: float) -> None:
-        from mim_scale.launcher.runs import path_exists
-
-        while not self._closed.wait(every):
-            if any(path_exists(p) for p in self._stop_paths):
-                log.warning("rank %d: stop requested (%s); stopping after the next checkpoint", self._rank,
-                            self._stop_paths[0])
-                self._stop.set()
-                return
-
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
-
-    def resume_dir(self) -> Path | None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        self._resumed = True
-        return Path(self._stack.enter_context(checkpoint.as_directory()))
-
-    def scratch_dir(self, step: int) -> Path:
-        self._scratch = Path(tempfile.mkdtemp(prefix=f"mim-ckpt-{step}-"))
-        fault = self._ckpt_fault
-        if fault == ("write", self._rank, step) and not self._resumed:
-            threading.Thread(target=_kill_when_written, args=(self._scratch,), daemon=True).start()
-        return self._scratch
-
-    def report(self, metrics: dict[str, Any], ckpt_dir: Path | None, rank: int) -> None:
-        import ray.train
-        from ray.train import Checkpoint
-
-        clean = {k: v for k, v in metrics.items() if v is not None}
-        if ckpt_dir is None:
-            ray.train.report(clean)
-            return
-        if self._ckpt_fault == ("upload", self._rank, metrics["step"]) and not self._resumed:
-            log.warning("injecting fault: SIGKILL before handing %s to Ray", ckpt_dir)
-            os.kill(os.getpid(), signal.SIGKILL)
-        ray.train.report(clean, checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        if self._run_uri:
-            self._wait_committed(int(metrics["step"]))
-
-    def _wait_committed(self, step: int) -> None:
-        """Block until Ray's controller lists this step's checkpoint as committed.
-
-        ``report()`` returns once the files are uploaded, but the controller registers them only at its
-        next poll of the workers (every ~2 s): a worker lost before that poll would send the restart back
-        to the checkpoint before, one interval further than it should. Waiting here makes every step
-        after a save start from a committed checkpoint. All ranks wait (any of them could be the one lost).
-        """
-        from mim_scale.launcher.runs import SNAPSHOT_FILE, read_text
-
-        path = f"{self._run_uri.rstrip('/')}/{SNAPSHOT_FILE}"
-        deadline = time.monotonic() + COMMIT_WAIT_SECONDS
-        while time.monotonic() < deadline:
-            text = read_text(path)
-            try:
-                latest = (json.loads(text) if text else {}).get("latest_checkpoint_result") or {}
-            except json.JSONDecodeError:  # the controller is replacing it
-                latest = {}
-            if int((latest.get("metrics") or {}).get("step", -1)) >= step:
-                return
-            time.sleep(0.1)
-        log.warning("rank %d: the step-%d checkpoint was not listed as committed within %.0f s; going on",
-                    self._rank, step, COMMIT_WAIT_SECONDS)
-
-    def close(self) -> None:
-        self._closed.set()
-        self._stack.close()
-
-
-def parse_ckpt_fault(spec: str | None) -> tuple[str, int, int] | None:
-    """``write:RANK:STEP`` or ``upload:RANK:STEP`` (see :class:`RayReporter`)."""
-    return parse_drill(spec, ("write", "upload"), "checkpoint fault")
-
-
-def _kill_when_written(folder: Path) -> None:
-    """SIGKILL this process as soon as the checkpoint being written into ``folder`` has its first bytes."""
-    while True:
-        if any(p.is_file() and p.stat().st_size > 0 for p in folder.rglob("*")):
-            log.warning("injecting fault: SIGKILL while writing %s", folder)
-            os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(0.001)
-
-
-def elastic_grad_accum(cfg: Config, world: int) -> int:
-    """Accumulation steps that keep the global batch on ``world`` workers (:func:`mim_scale.recipe.grad_accum_for`):
-    an elastic group of any size in [min_workers, workers] trains the same schedule."""
-    return grad_accum_for(cfg, world)
-
-
-def check_elastic(cfg: Config) -> None:
-    """Every worker count Ray may choose in [min_workers, workers] must keep the global batch whole; the error
-    names the counts that would."""
-    lo, hi = worker_range(cfg)
-    allowed = allowed_worker_counts(cfg, lo, hi)
-    bad = [w for w in range(lo, hi + 1) if w not in allowed]
-    if bad:
-        batch = global_batch_crops(cfg)
-        anywhere = allowed_worker_counts(cfg, 1, max(hi, 64))
-        raise UserFacingError(f"launch.min_workers={lo}..launch.workers={hi}: with {bad} workers the global batch of "
-                              f"{batch} crops (train.global_batch_crops, or workers x micro_batch x grad_accum) does "
-                              f"not split into whole micro-batches of {cfg.train.micro_batch}; worker counts that keep "
-                              f"it: {', '.join(map(str, anywhere))}")
-
-
-def worker_range(cfg: Config) -> tuple[int, int]:
-    """(min, max) training workers; equal when the group is not elastic."""
-    lo = cfg.launch.min_workers or cfg.launch.workers
-    return lo, cfg.launch.workers
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -311,60 +164,6 @@ class LaunchResult:
     metrics: dict[str, Any]
     error: BaseException | None
     seconds: float
-
-
-# Names that hold credentials. Ray keeps a runtime_env in its GCS and shows it through its job and state APIs
-# (and the dashboard), so none of these is ever put there: workers get credentials from the node itself
-# (instance role, IRSA, a secret mounted on every node; see docs/CLUSTER.md, "Security").
-SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|SESSION_TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIAL(?!S_FILE|S$)"
-                         r"|(^|_)TOKEN$", re.IGNORECASE)
-
-
-def check_not_secret(name: str, where: str) -> None:
-    """Refuse a variable whose name says it holds a credential (it would be stored in the runtime_env)."""
-    if SECRET_NAME.search(name):
-        raise UserFacingError(f"{where}: {name} looks like a credential; mim-scale does not pass credentials through "
-                              "Ray's runtime_env (Ray stores it and its job APIs show it). Give the nodes an "
-                              "instance role / IRSA, or mount the secret on every node (docs/CLUSTER.md, Security)")
-
-
-def worker_env(cfg: Config, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment every worker needs (workers are separate processes: nothing else is inherited).
-
-    ``extra`` (``--env KEY=VALUE``) and the names listed in ``MIM_SCALE_FORWARD_ENV`` (comma-separated)
-    are passed on as well, except credentials (:func:`check_not_secret` refuses them): cloud credentials
-    come from the node (instance role, IRSA, a mounted secret), never from the driver's environment."""
-    env = {
-        "OMP_NUM_THREADS": str(max(1, int(cfg.launch.cpus_per_worker))),
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")),
-        "MIM_SCALE_LOG": os.environ.get("MIM_SCALE_LOG", "INFO"),
-        "PYTHONUNBUFFERED": "1",
-    }
-    if not cfg.launch.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    forward = [k.strip() for k in os.environ.get("MIM_SCALE_FORWARD_ENV", "").split(",") if k.strip()]
-    for key in forward:
-        check_not_secret(key, "MIM_SCALE_FORWARD_ENV")
-    for key in (extra or {}):
-        check_not_secret(key, "--env")
-    # not secrets: where the store is, which region, the path of a credentials file the nodes hold
-    for key in ("MIM_SCALE_SAMPLE_DATA", "TMPDIR", "RAY_AUTH_MODE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-                "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "NCCL_IB_DISABLE",
-                *forward):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
-    env.update(extra or {})
-    return env
-
-
-def ensure_ray(cfg: Config, env: dict[str, str] | None = None) -> bool:
-    """Connect to ``launch.address``, or a submitted job's cluster, or start a local cluster sized for
-    ``launch.workers`` (:func:`mim_scale.ray_session.start_or_join`, the rule every stage shares); returns True
-    if this call started Ray. Workers get :func:`worker_env`."""
-    num_cpus = cfg.launch.ray_num_cpus or max(os.cpu_count() or 1, int(cfg.launch.workers * cfg.launch.cpus_per_worker))
-    # quiet (the default): workers write the run folder's logs/rank-N.log instead of streaming to this terminal
-    return start_or_join(cfg.launch.address, local_cpus=num_cpus, env_vars=worker_env(cfg, env),
-                         object_store_bytes=256 * 2**20, log_to_driver=console.verbose())
 
 
 def check_init(cfg: Config, init: Path) -> Path:

@@ -95,7 +95,8 @@ class Rehearsal:
     # -- stages ----------------------------------------------------------------------------------------
 
     def _plan(self) -> str:
-        from mim_scale.launcher.ray_train import check_elastic, run_name, storage_root
+        from mim_scale.launcher.elastic import check_elastic
+        from mim_scale.launcher.ray_train import run_name, storage_root
         from mim_scale.plan import make_plan
 
         check_elastic(self.cfg)

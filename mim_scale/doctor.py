@@ -314,7 +314,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = spec_from(cfg, args.storage, args.min_free_gb)
     started = False
     if not args.no_ray:
-        from mim_scale.launcher.ray_train import ensure_ray
+        from mim_scale.launcher.cluster import ensure_ray
 
         started = ensure_ray(cfg)
     try:

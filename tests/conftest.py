@@ -26,7 +26,7 @@ def ray_cluster():
     import ray
 
     from mim_scale.config import load_config
-    from mim_scale.launcher.ray_train import ensure_ray
+    from mim_scale.launcher.cluster import ensure_ray
 
     started = ensure_ray(load_config("tiny", ["launch.ray_num_cpus=2"]))
     yield ray

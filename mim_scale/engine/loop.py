@@ -22,7 +22,7 @@ from typing import Any
 from mim_scale.config import Config
 from mim_scale.engine import checkpoint as ckpt
 from mim_scale.engine.collectives import sum_over_ranks
-from mim_scale.engine.drills import inject_fault, parse_drill, parse_fault  # noqa: F401  (the launcher's imports)
+from mim_scale.engine.drills import inject_fault, parse_fault
 from mim_scale.engine.record import StepRecorder
 from mim_scale.engine.reporter import Reporter
 from mim_scale.engine.save_agreement import SaveAgreement

@@ -40,7 +40,7 @@ def finetune_on_workers(data: str | Path, init: str, out: str | Path, *, workers
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mim_scale.config import load_config
-    from mim_scale.launcher.ray_train import ensure_ray
+    from mim_scale.launcher.cluster import ensure_ray
 
     out = Path(out).resolve()
     cfg = load_config("tiny", [f"launch.workers={workers}", f"launch.use_gpu={str(use_gpu).lower()}",

@@ -72,7 +72,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from mim_scale.metrics.serve import port_for_rank, resolve_addr, serve_registry, target_for
+from mim_scale.metrics.serve import MetricsServer, port_for_rank, resolve_addr, serve_registry, target_for
 
 log = logging.getLogger(__name__)
 

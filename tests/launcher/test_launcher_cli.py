@@ -10,7 +10,8 @@ import pytest
 from mim_scale.cli import build_parser, main
 from mim_scale.config import load_config
 from mim_scale.errors import UserFacingError
-from mim_scale.launcher.ray_train import check_elastic, elastic_grad_accum, worker_env, worker_range
+from mim_scale.launcher.cluster import worker_env
+from mim_scale.launcher.elastic import check_elastic, elastic_grad_accum, worker_range
 from mim_scale.launcher.runs import STOP_FILE, resolve_run
 
 from launcher_drills import STEPS

@@ -197,7 +197,7 @@ def test_ray_up_cluster_uses_tokens_loopback_dashboard_and_instance_roles():
 
 
 def test_rayjob_uses_tokens_cluster_ip_and_irsa():
-    from mim_scale.launcher.ray_train import SECRET_NAME
+    from mim_scale.launcher.cluster import SECRET_NAME
 
     text = RAYJOB.read_text()
     spec = yaml.safe_load(text)["spec"]
@@ -223,7 +223,7 @@ def test_rayjob_uses_tokens_cluster_ip_and_irsa():
 def test_worker_env_never_carries_credentials(monkeypatch):
     from mim_scale.config import load_config
     from mim_scale.errors import UserFacingError
-    from mim_scale.launcher.ray_train import worker_env
+    from mim_scale.launcher.cluster import worker_env
 
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"):
         monkeypatch.setenv(key, "s3cr3t")

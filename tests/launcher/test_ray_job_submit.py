@@ -15,7 +15,8 @@ import pytest
 
 from mim_scale.config import load_config
 from mim_scale.engine.local import free_port
-from mim_scale.launcher import ray_train
+from mim_scale import ray_session
+from mim_scale.launcher import cluster
 
 from launcher_drills import PYTHON
 
@@ -40,7 +41,7 @@ def test_a_job_driver_joins_its_cluster(captured_init, monkeypatch):
     # what Ray's job supervisor sets for a driver: the job's runtime_env as JSON, the cluster's GCS address
     monkeypatch.setenv(JOB_VAR, json.dumps({"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "3"}}, "metadata": {}}))
     monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
-    assert ray_train.ensure_ray(load_config("tiny"))
+    assert cluster.ensure_ray(load_config("tiny"))
     (call,) = captured_init
     assert call["address"] == "10.1.2.3:6379" and "num_cpus" not in call
     # Ray refuses a driver runtime_env that sets a variable the job's sets: the job's value wins
@@ -51,7 +52,7 @@ def test_a_job_driver_joins_its_cluster(captured_init, monkeypatch):
 def test_an_explicit_address_still_wins_in_a_job(captured_init, monkeypatch):
     monkeypatch.setenv(JOB_VAR, "{}")
     monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
-    ray_train.ensure_ray(load_config("tiny", ["launch.address=ray://other:10001"]))
+    cluster.ensure_ray(load_config("tiny", ["launch.address=ray://other:10001"]))
     assert captured_init[0]["address"] == "ray://other:10001"
 
 
@@ -59,16 +60,16 @@ def test_an_explicit_address_still_wins_in_a_job(captured_init, monkeypatch):
 def test_outside_a_job_a_private_cluster_starts(captured_init, monkeypatch, env):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    ray_train.ensure_ray(load_config("tiny"))
+    cluster.ensure_ray(load_config("tiny"))
     assert captured_init[0]["address"] == "local"
 
 
 def test_a_job_without_a_usable_address_joins_auto(captured_init, monkeypatch):
     monkeypatch.setenv(JOB_VAR, "not json")
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
-    ray_train.ensure_ray(load_config("tiny"))
+    cluster.ensure_ray(load_config("tiny"))
     assert captured_init[0]["address"] == "auto"
-    assert ray_train.submitted_job_env_vars() == set()
+    assert ray_session.submitted_job_env_vars() == set()
 
 
 @pytest.mark.slow
@@ -82,7 +83,7 @@ def test_ray_job_submit_driver_joins_the_head(child_env, tmp_path):
                              f"--dashboard-agent-listen-port={agent}", "--block"], env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        probe = ("import ray; from mim_scale.config import load_config; from mim_scale.launcher.ray_train import "
+        probe = ("import ray; from mim_scale.config import load_config; from mim_scale.launcher.cluster import "
                  "ensure_ray; ensure_ray(load_config('tiny')); c = ray.get_runtime_context(); "
                  "print('JOINED', c.gcs_address, len(ray.nodes()))")
         deadline = time.monotonic() + 240
