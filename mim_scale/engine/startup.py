@@ -13,10 +13,9 @@ import torch.distributed as dist
 
 from mim_scale.config import Config
 from mim_scale.engine import checkpoint as ckpt
-from mim_scale.engine.deepspeed_engine import build_engine, init_distributed
+from mim_scale.engine.deepspeed_engine import build_engine, build_model, init_distributed
 from mim_scale.engine.reporter import Reporter
 from mim_scale.engine.step import mask_seed
-from mim_scale.engine.sync_bn import convert_sync_batchnorm
 from mim_scale.recipe import Recipe
 from mim_scale.rundir import ATTEMPTS_FILE, RECIPE_FILE, RunFiles
 
@@ -48,16 +47,11 @@ def resolve_recipe(cfg: Config, world: int, files: RunFiles, rank: int) -> tuple
 
 
 def build(cfg: Config, world: int, init_weights: Path | None = None):
-    """The MiM model (alignment BatchNorms synchronised over ranks; encoder from ``init_weights`` when given) in
-    its DeepSpeed engine -> (engine, scheduler)."""
-    from mim_scale.model import build_model
-
+    """The MiM model (alignment BatchNorms synchronised over ranks; encoder from ``init_weights`` when given;
+    under ZeRO-3 built sharded: :func:`deepspeed_engine.build_model`) in its DeepSpeed engine ->
+    (engine, scheduler)."""
     torch.manual_seed(cfg.train.seed)
-    model = convert_sync_batchnorm(build_model(cfg))  # the alignment MLPs' BatchNorms see every rank's pairs
-    if init_weights is not None:
-        from mim_scale.model.io import load_encoder_weights
-
-        load_encoder_weights(model.encoder, init_weights)
+    model = build_model(cfg, world, init_weights)
     engine, _optimizer, scheduler = build_engine(cfg, model, world)
     return engine, scheduler
 
