@@ -32,6 +32,23 @@ def lr_multiplier(step: int, cfg: Config, peak_lr: float) -> float:
     return warmup_cosine(step, t.warmup_steps, t.steps, low=min(1.0, t.min_lr / peak_lr))
 
 
+# ZeRO-3 settings that keep every rank's memory at its share of the model (measured: engine/README.md, Memory).
+# DeepSpeed's defaults assume a GPU with room to spare and keep whole-model transients:
+# - stage3_max_reuse_distance / max_live_parameters (1e9 numel each): once the trace of the first step is
+#   recorded, a gathered parameter whose next use is within 1e9 elements is not released, i.e. a model under
+#   1e9 parameters stays gathered whole from its forward through its backward on every rank;
+# - sub_group_size (1e9): the optimizer step casts the whole partition's gradients to a fresh fp32 copy and
+#   AdamW adds partition-sized temporaries on top, all at once; in sub-groups of 1e7 elements they stay small.
+# Smaller live / reuse windows cost re-gathers (communication), not results.
+ZERO3_MEMORY: dict[str, float] = {
+    "stage3_max_live_parameters": 3e7,
+    "stage3_max_reuse_distance": 3e7,
+    "stage3_prefetch_bucket_size": 1e7,
+    "sub_group_size": 1e7,
+    "reduce_bucket_size": 2e7,
+}
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     from mim_scale.recipe import grad_accum_for
 
@@ -55,7 +72,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         z = ds["zero_optimization"]
         z.update({"overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 5e7})
         if t.zero_stage == 3:
-            z.update({"stage3_param_persistence_threshold": 1e4, "stage3_gather_16bit_weights_on_model_save": False})
+            z.update({"stage3_param_persistence_threshold": 1e4, "stage3_gather_16bit_weights_on_model_save": False,
+                      **ZERO3_MEMORY})
         if t.offload_optimizer:
             z["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.launch.use_gpu}
             if not (cfg.launch.use_gpu and torch.cuda.is_available()):
@@ -80,6 +98,40 @@ def make_optimizer(cfg: Config, model: torch.nn.Module, lr: float, on_gpu: bool)
 
         return FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def build_model(cfg: Config, world_size: int, init_weights=None) -> torch.nn.Module:
+    """The MiM model for the engine: alignment BatchNorms synchronised over ranks (:mod:`.sync_bn`), the encoder
+    from an export when ``init_weights`` is given.
+
+    Under ZeRO-3 it is built inside ``deepspeed.zero.Init``: each module's parameters are cut into this rank's
+    shard as soon as its constructor returns (the model initialises its weights inside constructors for this),
+    so no rank ever holds the whole model; ``init_weights`` are then loaded with the encoder gathered.
+    Call after :func:`init_distributed`; the parameters are created from torch's RNG as without ZeRO-3.
+    """
+    from mim_scale.engine.sync_bn import convert_sync_batchnorm
+    from mim_scale.model import build_model as build_mim
+
+    if cfg.train.zero_stage == 3:
+        import deepspeed
+
+        # convert_sync_batchnorm inside too: the SyncBatchNorm1d replacing each BatchNorm1d is built sharded
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world_size)):
+            model = convert_sync_batchnorm(build_mim(cfg))
+    else:
+        model = convert_sync_batchnorm(build_mim(cfg))
+    if init_weights is not None:
+        from mim_scale.model.io import load_encoder_weights
+
+        if cfg.train.zero_stage == 3:
+            import deepspeed
+
+            # whole on every rank for the load, rank 0's values re-sharded on exit (once, before any optimizer state)
+            with deepspeed.zero.GatheredParameters(list(model.encoder.parameters()), modifier_rank=0):
+                load_encoder_weights(model.encoder, init_weights)
+        else:
+            load_encoder_weights(model.encoder, init_weights)
+    return model
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):

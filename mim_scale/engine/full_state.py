@@ -19,6 +19,10 @@ read with no unpickling. Cost: rank 0 writes 12 bytes per parameter per checkpoi
 
 from __future__ import annotations
 
+import math
+import os
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -106,19 +110,42 @@ def _flat_view(flat: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor
     return flat.narrow(0, offset, p.numel()).view(p.shape)
 
 
-def gather(engine) -> tuple[dict[str, torch.Tensor], int]:
-    """Collective: every rank gets (tensors as in the module doc, optimizer step). CPU fp32 tensors."""
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The full shape of a parameter (ZeRO-3 leaves ``p`` an empty shard and keeps it as ``ds_shape``)."""
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
+def _trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def _saved_buffers(engine) -> list[tuple[str, torch.Tensor]]:
+    return [(name, b) for name, b in engine.module.named_buffers()
+            if b is not None and (b.is_floating_point() or b.dtype in (torch.int64, torch.int32))]
+
+
+def layout(engine) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(key, dtype, shape) of every tensor :func:`iter_state` yields, in the same order; known without any
+    collective, so rank 0 can write the file header before the first gather."""
+    out: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    for name, p in _trainable(engine):
+        out += [(f"{kind}/{name}", torch.float32, _shape(p)) for kind in ("param", *MOMENTS)]
+    out += [(f"buffer/{name}", b.dtype, tuple(b.shape)) for name, b in _saved_buffers(engine)]
+    return out
+
+
+def iter_state(engine, step: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective: yields (key, full CPU tensor) in :func:`layout` order, one parameter's master and moments at a
+    time, so no rank ever holds more than one full parameter's state (a ZeRO-3 rank otherwise holds 12 bytes
+    per parameter of the whole model on top of its shards). Every rank must consume the whole iterator."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     opt = _base_optimizer(engine)
-    step = _optimizer_step(engine)
     _ensure_moments(engine, step)  # zeros where no step has run yet, so every rank gathers the same keys
     _link_moments(engine)
-    out: dict[str, torch.Tensor] = {}
     flats = _flat_masters(engine)
-    for name, p in engine.module.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in _trainable(engine):
+        shape = _shape(p)
         master = safe_get_full_fp32_param(p)
         if id(p) in flats:
             flat, offset = flats[id(p)]
@@ -132,46 +159,125 @@ def gather(engine) -> tuple[dict[str, torch.Tensor], int]:
         else:
             # collective per call: never skipped on one rank only (moments exist, see _ensure_moments)
             moments = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
-        out[f"param/{name}"] = master.detach().float().cpu().contiguous().clone()
+        yield f"param/{name}", master.detach().float().cpu().contiguous().reshape(shape)
         for k, v in moments.items():
-            out[f"{k}/{name}"] = v.detach().float().cpu().contiguous().clone().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
-    for name, b in engine.module.named_buffers():
-        if b is not None and b.is_floating_point() or (b is not None and b.dtype in (torch.int64, torch.int32)):
-            out[f"buffer/{name}"] = b.detach().cpu().contiguous().clone()
-    return out, step
+            yield f"{k}/{name}", v.detach().float().cpu().contiguous().reshape(shape)
+        del master, moments
+    for name, b in _saved_buffers(engine):
+        yield f"buffer/{name}", b.detach().cpu().contiguous()
+
+
+def gather(engine) -> tuple[dict[str, torch.Tensor], int]:
+    """Collective: every rank gets (tensors as in the module doc, optimizer step), all at once. For tests and
+    small models; :func:`save` streams instead."""
+    step = _optimizer_step(engine)
+    return {key: t.clone() for key, t in iter_state(engine, step)}, step
+
+
+# safetensors' dtype names (https://github.com/huggingface/safetensors: the header's "dtype" field)
+_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32"}
+
+
+def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """A safetensors header for ``entries`` laid out back to back in that order (8-byte aligned, space-padded)."""
+    import json
+
+    table: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for key, dtype, shape in entries:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        table[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(table, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
 def save(engine, ckpt_dir: Path, rank: int) -> None:
-    """Collective: gather, then rank 0 writes ``full_state.safetensors`` into ``ckpt_dir``."""
-    from safetensors.torch import save_file
+    """Collective: gather one parameter at a time; rank 0 streams each into ``full_state.safetensors``.
 
-    tensors, step = gather(engine)
+    Peak memory on any rank: one parameter's master and moments (12 bytes x its size), not the model's.
+    """
+    step = _optimizer_step(engine)
+    entries = layout(engine)
+    final = Path(ckpt_dir) / FILE
+    tmp = Path(ckpt_dir) / f".{FILE}.tmp"
+    out = open(tmp, "wb") if rank == 0 else None
+    try:
+        if out is not None:
+            out.write(_header(entries, {"optimizer_step": str(step), "format": FORMAT}))
+        for (key, tensor), (want, dtype, shape) in zip(iter_state(engine, step), entries, strict=True):
+            if out is None:
+                continue
+            if key != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise RuntimeError(f"full state: {key} {tensor.dtype} {tuple(tensor.shape)} does not match the "
+                                   f"header's {want} {dtype} {shape}")
+            out.write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+        if out is not None:
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        if out is not None:
+            out.close()
     if rank == 0:
-        tmp = Path(ckpt_dir) / f".{FILE}.tmp"
-        save_file(tensors, str(tmp), metadata={"optimizer_step": str(step), "format": FORMAT})
-        tmp.replace(Path(ckpt_dir) / FILE)
+        tmp.replace(final)
+
+
+class _Reader:
+    """A verified ``full_state.safetensors``, read one tensor at a time (memory-mapped: nothing is loaded
+    until asked for, nothing is unpickled)."""
+
+    def __init__(self, ckpt_dir: Path):
+        from safetensors import safe_open
+
+        self.path = Path(ckpt_dir) / FILE
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: missing (checkpoints written before full-state saving cannot "
+                                    "be resharded)")
+        self._file = None
+        try:
+            self._file = safe_open(str(self.path), framework="pt")  # a JSON header and raw tensors
+            self._f = self._file.__enter__()
+            meta = self._f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')!r} is not {FORMAT!r}")
+            self.step = int(meta.get("optimizer_step", 0))
+            self._keys = set(self._f.keys())
+            if self.step < 0:
+                raise ValueError(f"negative optimizer step {self.step}")
+        except Exception as exc:  # noqa: BLE001 - safetensors' own errors do not name the file
+            if self._file is not None:
+                self._file.__exit__(None, None, None)
+            raise ValueError(f"{self.path}: not a readable full state ({type(exc).__name__}: {exc})") from exc
+
+    def __enter__(self) -> "_Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.__exit__(None, None, None)
+
+    def keys(self) -> set[str]:
+        return set(self._keys)
+
+    def spec(self, key: str) -> tuple[str, tuple[int, ...]] | None:
+        """(safetensors dtype name, shape) of ``key`` without reading it; None if absent."""
+        if key not in self._keys:
+            return None
+        sl = self._f.get_slice(key)
+        return sl.get_dtype(), tuple(sl.get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._f.get_tensor(key)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"{self.path}: {key} unreadable ({type(exc).__name__}: {exc})") from exc
 
 
 def read(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
-    from safetensors import safe_open
-
-    path = Path(ckpt_dir) / FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (checkpoints written before full-state saving cannot be resharded)")
-    tensors = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:  # a JSON header and raw tensors: nothing unpickled
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"format {meta.get('format')!r} is not {FORMAT!r}")
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-        step = int(meta.get("optimizer_step", 0))
-    except Exception as exc:  # noqa: BLE001 - safetensors' own errors do not name the file
-        raise ValueError(f"{path}: not a readable full state ({type(exc).__name__}: {exc})") from exc
-    if step < 0:
-        raise ValueError(f"{path}: negative optimizer step {step}")
-    return tensors, step
+    """Every tensor of the full state (loaded whole) and the optimizer step."""
+    with _Reader(ckpt_dir) as r:
+        return {key: r.get(key) for key in sorted(r.keys())}, r.step
 
 
 def master_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -190,58 +296,57 @@ def master_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 def restore(engine, ckpt_dir: Path) -> int:
     """Collective: load masters and moments into an engine of any layout; returns the optimizer step.
 
-    The module (low-precision) weights are set to the masters cast down, which is what every DeepSpeed
-    optimizer holds after a step.
+    The file is read one parameter at a time (every rank maps the same file), so a rank never holds more
+    than one full parameter's state besides its own shards. The module (low-precision) weights are set to
+    the masters cast down, which is what every DeepSpeed optimizer holds after a step.
     """
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    tensors, step = read(ckpt_dir)
-    _ensure_moments(engine, step)
-    _link_moments(engine)
-    opt = _base_optimizer(engine)
-    params = dict(engine.module.named_parameters())
-    missing = sorted(n for n, p in params.items() if p.requires_grad and f"param/{n}" not in tensors)
-    if missing:
-        raise ValueError(f"{ckpt_dir / FILE}: no saved state for parameters {missing[:5]} (model changed?)")
-    for name, p in params.items():  # copy_ would broadcast a wrongly shaped tensor: check every one first
-        if not p.requires_grad:
-            continue
-        shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-        for kind in ("param", *MOMENTS):
-            t = tensors.get(f"{kind}/{name}")
-            if t is None or tuple(t.shape) != shape or t.dtype != torch.float32:
-                raise ValueError(f"{ckpt_dir / FILE}: {kind}/{name} is "
-                                 f"{None if t is None else (t.dtype, tuple(t.shape))}, expected float32 {shape}")
-    flats = _flat_masters(engine)
-    for name, p in params.items():
-        if not p.requires_grad:
-            continue
-        master = tensors[f"param/{name}"]
-        if id(p) in flats:
-            flat, offset = flats[id(p)]
-            with torch.no_grad():
-                _flat_view(flat, offset, p).copy_(master)
-                state = _state_of(opt, flat)
+    with _Reader(ckpt_dir) as reader:
+        step = reader.step
+        _ensure_moments(engine, step)
+        _link_moments(engine)
+        opt = _base_optimizer(engine)
+        params = _trainable(engine)
+        missing = sorted(n for n, _ in params if reader.spec(f"param/{n}") is None)
+        if missing:
+            raise ValueError(f"{reader.path}: no saved state for parameters {missing[:5]} (model changed?)")
+        for name, p in params:  # copy_ would broadcast a wrongly shaped tensor: check every one first
+            shape = _shape(p)
+            for kind in ("param", *MOMENTS):
+                spec = reader.spec(f"{kind}/{name}")
+                if spec != ("F32", shape):
+                    raise ValueError(f"{reader.path}: {kind}/{name} is {spec}, expected ('F32', {shape})")
+        flats = _flat_masters(engine)
+        for name, p in params:
+            master = reader.get(f"param/{name}")
+            if id(p) in flats:
+                flat, offset = flats[id(p)]
+                with torch.no_grad():
+                    _flat_view(flat, offset, p).copy_(master)
+                    state = _state_of(opt, flat)
+                    for k in MOMENTS:
+                        _flat_view(state[k].view(-1), offset, p).copy_(reader.get(f"{k}/{name}"))
+            elif hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+                device = p.ds_tensor.device if hasattr(p, "ds_tensor") else p.device
+                safe_set_full_fp32_param(p, master.to(device))
                 for k in MOMENTS:
-                    _flat_view(state[k].view(-1), offset, p).copy_(tensors[f"{k}/{name}"])
-        elif hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-            device = p.device
-            safe_set_full_fp32_param(p, master.to(device))
-            for k in MOMENTS:
-                safe_set_full_optimizer_state(p, tensors[f"{k}/{name}"].to(device), k)
-        else:
-            state = opt.state[p]
-            for k in MOMENTS:
-                state[k] = tensors[f"{k}/{name}"].to(p.device).clone()
-        if hasattr(p, "ds_id"):  # ZeRO-3: the module weight is partitioned; gather, set, re-partition
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                if torch.distributed.get_rank() == 0:
-                    p.data.copy_(master.to(p.dtype))
-        else:
-            with torch.no_grad():
-                p.data.copy_(master.to(device=p.device, dtype=p.dtype))
-    _restore_buffers(engine.module, tensors)
+                    safe_set_full_optimizer_state(p, reader.get(f"{k}/{name}").to(device), k)
+            else:
+                state = opt.state[p]
+                for k in MOMENTS:
+                    state[k] = reader.get(f"{k}/{name}").to(p.device).clone()
+            if hasattr(p, "ds_id"):  # ZeRO-3: the module weight is partitioned; gather, set, re-partition
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if torch.distributed.get_rank() == 0:
+                        p.data.copy_(master.to(p.dtype))
+            else:
+                with torch.no_grad():
+                    p.data.copy_(master.to(device=p.device, dtype=p.dtype))
+            del master
+        _restore_buffers(engine.module, {f"buffer/{n}": reader.get(f"buffer/{n}")
+                                         for n, _ in engine.module.named_buffers() if f"buffer/{n}" in reader.keys()})
     return step
 
 
