@@ -215,7 +215,8 @@ def fmt_seconds(seconds: float | None) -> str:
 class Progress:
     """One live progress line for a stage.
 
-    On a terminal: a tqdm bar whose postfix carries the stage's figures (``update``). Elsewhere: plain lines
+    On a terminal (quiet mode): a tqdm bar whose postfix carries the stage's figures (``update``). Elsewhere,
+    and in verbose mode, where log lines stream past it: plain lines
     ``DESC n/total figures``, at most one per ``plain_every_s`` seconds, plus the last one; never a carriage
     return. ``write`` prints a line above the bar (failures, restarts) without breaking it."""
 
@@ -223,7 +224,7 @@ class Progress:
                  plain_every_s: float | None = None):
         self.desc, self.total, self.unit = desc, int(total), unit
         self.stream = sys.stdout if stream is None else stream
-        self.tty = is_tty(self.stream)
+        self.tty = is_tty(self.stream) and not verbose()  # verbose: log lines stream by, a redrawn bar would tear
         self.plain_every_s = float(os.environ.get(PLAIN_SECONDS_ENV, "30")) if plain_every_s is None else plain_every_s
         self.n = 0
         self.text = ""
