@@ -144,6 +144,58 @@ def _read_deflated(f: BinaryIO, path: str, stop_before_pixels: bool, cap: int, d
         step = min(4 * step, cap)
 
 
+def _check_size(path: str, stop_before_pixels: bool, cap: int) -> None:
+    """The file's size on disk: unreadable, empty, or (for a full read) larger than ``cap`` -> InputRejected."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise InputRejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}", path) from exc
+    if size == 0:
+        raise InputRejected("empty_file", "0 bytes", path)
+    if not stop_before_pixels and size > cap:
+        raise InputRejected("too_large", f"{format_bytes(size)} on disk, more than the {format_bytes(cap)} its header "
+                                         "declares (header cap + pixel data)", path)
+
+
+def _parse(f: BinaryIO, path: str, stop_before_pixels: bool, cap: int) -> pydicom.Dataset:
+    """Parse the open file ``f``; pydicom's and zlib's own errors pass through (``_read`` maps them)."""
+    defer = None if not stop_before_pixels else "4 KB"
+    try:
+        # the file meta first: a Deflated file must not reach pydicom's whole-file inflate
+        preamble = pydicom.filereader.read_preamble(f, False)
+        meta = pydicom.filereader._read_file_meta_info(f)
+        if meta.get("TransferSyntaxUID") == DEFLATED:
+            inner = _read_deflated(f, path, stop_before_pixels, cap, defer)
+            ds = pydicom.dataset.FileDataset(path, inner, preamble, meta, False, True)
+            ds.set_original_encoding(False, True, inner._character_set)
+            return ds
+        f.seek(0)
+        ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, defer_size=defer)
+    except InvalidDicomError:
+        # old exports omit the preamble and file meta: accept a stream that starts with a
+        # plausible group 0008 element, refuse anything else
+        f.seek(0)
+        if f.read(2) not in (b"\x08\x00", b"\x00\x08"):
+            raise
+        ds = _parse_without_meta(f, stop_before_pixels, defer)
+    if not stop_before_pixels and "PixelData" in ds:
+        _ = ds.PixelData  # force the read while the file is open
+    return ds
+
+
+def _parse_without_meta(f: BinaryIO, stop_before_pixels: bool, defer: str | None) -> pydicom.Dataset:
+    """A stream with no preamble or file meta, from its start -> dataset with the transfer syntax it was read in."""
+    f.seek(0)
+    ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, defer_size=defer, force=True)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            pydicom.uid.ImplicitVRLittleEndian if implicit
+            else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+        )
+    return ds
+
+
 def _read(path: str, stop_before_pixels: bool, limits: MemoryLimits | None = None,
           max_inflated_bytes: int | None = None) -> pydicom.Dataset:
     """Read one DICOM file through fileio (so failures can be injected), mapping errors to reasons.
@@ -154,45 +206,10 @@ def _read(path: str, stop_before_pixels: bool, limits: MemoryLimits | None = Non
     """
     limits = limits or MemoryLimits()
     cap = limits.header_bytes if stop_before_pixels else (max_inflated_bytes or limits.budget_bytes)
-    try:
-        size = os.path.getsize(path)
-    except OSError as exc:
-        raise InputRejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}", path) from exc
-    if size == 0:
-        raise InputRejected("empty_file", "0 bytes", path)
-    if not stop_before_pixels and size > cap:
-        raise InputRejected("too_large", f"{format_bytes(size)} on disk, more than the {format_bytes(cap)} its header "
-                                         "declares (header cap + pixel data)", path)
+    _check_size(path, stop_before_pixels, cap)
     try:
         with fileio.open_input(path) as f, quiet_pydicom():
-            defer = None if not stop_before_pixels else "4 KB"
-            try:
-                # the file meta first: a Deflated file must not reach pydicom's whole-file inflate
-                preamble = pydicom.filereader.read_preamble(f, False)
-                meta = pydicom.filereader._read_file_meta_info(f)
-                if meta.get("TransferSyntaxUID") == DEFLATED:
-                    inner = _read_deflated(f, path, stop_before_pixels, cap, defer)
-                    ds = pydicom.dataset.FileDataset(path, inner, preamble, meta, False, True)
-                    ds.set_original_encoding(False, True, inner._character_set)
-                    return ds
-                f.seek(0)
-                ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, defer_size=defer)
-            except InvalidDicomError:
-                # old exports omit the preamble and file meta: accept a stream that starts with a
-                # plausible group 0008 element, refuse anything else
-                f.seek(0)
-                if f.read(2) not in (b"\x08\x00", b"\x00\x08"):
-                    raise
-                f.seek(0)
-                ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, defer_size=defer, force=True)
-                if "TransferSyntaxUID" not in ds.file_meta:
-                    implicit, little = ds.original_encoding
-                    ds.file_meta.TransferSyntaxUID = (
-                        pydicom.uid.ImplicitVRLittleEndian if implicit
-                        else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
-                    )
-            if not stop_before_pixels and "PixelData" in ds:
-                _ = ds.PixelData  # force the read while the file is open
+            return _parse(f, path, stop_before_pixels, cap)
     except InputRejected:
         raise
     except PermissionError as exc:
@@ -207,7 +224,6 @@ def _read(path: str, stop_before_pixels: bool, limits: MemoryLimits | None = Non
         raise InputRejected("unreadable", f"{type(exc).__name__}: {exc}"[:200], path) from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input
         raise InputRejected("not_dicom", f"{type(exc).__name__}: {exc}"[:200], path) from exc
-    return ds
 
 
 def _sop_class(ds: pydicom.Dataset) -> str:
