@@ -45,8 +45,8 @@ from mim_scale.export_store import MAX_JSON_BYTES, SUMS_FILE, is_remote, publish
 from mim_scale.fileutil import JSONFileError, read_json_bounded
 # the loading API and key schema, owned by mim_scale.model.io; re-exported for `from mim_scale.export import ...`
 from mim_scale.model.io import (CONFIG_FILE, ENCODER_FILE, ENCODER_PREFIX, FULL_FILE, SCHEMA_VERSION,  # noqa: F401
-                                KeyMismatchError, encoder_file_metadata, load_encoder, load_encoder_weights,
-                                locate_export, model_config_of)
+                                KeyMismatchError, encoder_config, encoder_file_metadata, load_encoder,
+                                load_encoder_weights, locate_export, model_config_of, preprocessing_block)
 
 EVALUATION_FILE = "evaluation.json"
 FORMATS = ("mim", "monai-bundle")
@@ -142,34 +142,16 @@ def export_run(run: Path, out: str | Path, *, dtype: str = "float32", full_state
     if data.get("datasets") is not None or data_licenses:
         data["licenses"] = model_card.data_licenses(data.get("datasets") or dict.fromkeys(data_licenses or {}, 0),
                                                     data_licenses, manifest_licenses)
-    config = {
-        "schema_version": SCHEMA_VERSION,
-        "architecture": "mim-hybrid-encoder",
-        "library_name": model_card.LIBRARY_NAME,
-        "software_version": mim_scale.__version__,
-        "model": cfg.to_dict()["model"],
-        "patch_size": cfg.model.patch_size,
-        "input_size": [cfg.model.view_size] * 3,
-        "in_channels": cfg.model.in_channels,
-        "parameters": int(sum(v.numel() for v in encoder.values())),
-        "dtype": dtype,
-        "preprocessing": {
-            # the shards store (D, H, W) = (z, y, x) of the LPS patient frame: array axes point to Superior,
-            # Posterior, Left, which MONAI writes as Orientationd(axcodes="SPL")
-            "orientation": "SPL",
-            "axis_order": "(D, H, W) = (z, y, x) of the LPS patient frame",
-            "spacing_mm": data.get("spacing_mm") or 1.5,
-            "hu_min": cfg.data.hu_min,
-            "hu_max": cfg.data.hu_max,
-            "scaling": "clip HU to [hu_min, hu_max], then (hu - hu_min) / (hu_max - hu_min) -> [0, 1]",
-            "pretraining_crop": cfg.data.crop_size,
-            "pretraining_view": cfg.model.view_size,
-        },
-        "training": {"step": state.step, "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
-                     "losses": state.losses, "masking": cfg.to_dict()["masking"], "data": data,
-                     "checkpoint": str(ckpt_dir)},
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    # the shards store (D, H, W) = (z, y, x) of the LPS patient frame: array axes point to Superior, Posterior,
+    # Left, which MONAI writes as Orientationd(axcodes="SPL")
+    preprocessing = preprocessing_block(cfg, "SPL", data.get("spacing_mm") or 1.5,
+                                        axis_order="(D, H, W) = (z, y, x) of the LPS patient frame")
+    training = {"step": state.step, "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
+                "losses": state.losses, "masking": cfg.to_dict()["masking"], "data": data, "checkpoint": str(ckpt_dir)}
+    config = encoder_config(cfg, version=mim_scale.__version__, parameters=int(sum(v.numel() for v in encoder.values())),
+                            dtype=dtype, preprocessing=preprocessing, training=training,
+                            library_name=model_card.LIBRARY_NAME)
+    config["exported_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     weights = {k: v.to(torch_dtype).contiguous() for k, v in encoder.items()}
     if fmt == "monai-bundle":
         return _publish(out, lambda tmp: monai_bundle.write_bundle(tmp, weights, config))

@@ -285,33 +285,22 @@ def export_encoder(model, cfg, out: Path, rec, training: dict[str, Any]) -> Path
     from safetensors.torch import save_file
 
     import mim_scale
-    from mim_scale.export import CONFIG_FILE, ENCODER_FILE, SCHEMA_VERSION, load_encoder
-    from mim_scale.fileutil import sha256_file
+    from mim_scale.export_store import write_sums
+    from mim_scale.model.io import (CONFIG_FILE, ENCODER_FILE, encoder_config, encoder_file_metadata, load_encoder,
+                                    preprocessing_block)
 
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weights = {k: v.detach().float().contiguous() for k, v in model.encoder.state_dict().items()}
-    save_file(weights, str(tmp / ENCODER_FILE), metadata={"format": "mim-scale-encoder",
-                                                          "schema_version": str(SCHEMA_VERSION),
-                                                          "version": mim_scale.__version__})
+    save_file(weights, str(tmp / ENCODER_FILE), metadata=encoder_file_metadata(mim_scale.__version__))
     p = rec.preprocessing
-    config = {
-        "schema_version": SCHEMA_VERSION, "architecture": "mim-hybrid-encoder",
-        "software_version": mim_scale.__version__, "model": cfg.to_dict()["model"],
-        "patch_size": cfg.model.patch_size, "input_size": [cfg.model.view_size] * 3,
-        "in_channels": cfg.model.in_channels, "parameters": int(sum(v.numel() for v in weights.values())),
-        "dtype": "float32",
-        "preprocessing": {"orientation": p.orientation, "spacing_mm": list(p.spacing), "hu_min": cfg.data.hu_min,
-                          "hu_max": cfg.data.hu_max,
-                          "scaling": "clip HU to [hu_min, hu_max], then (hu - hu_min) / (hu_max - hu_min) -> [0, 1]",
-                          "pretraining_crop": cfg.data.crop_size, "pretraining_view": cfg.model.view_size},
-        "training": training,
-    }
+    config = encoder_config(cfg, version=mim_scale.__version__, parameters=int(sum(v.numel() for v in weights.values())),
+                            dtype="float32", preprocessing=preprocessing_block(cfg, p.orientation, list(p.spacing)),
+                            training=training)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-    files = sorted(f for f in tmp.iterdir() if f.is_file())
-    (tmp / "SHA256SUMS").write_text("".join(f"{sha256_file(f)}  {f.name}\n" for f in files))
+    write_sums(tmp)
     load_encoder(tmp)  # strict: the export must load before it counts as done
     if out.exists():
         shutil.rmtree(out)

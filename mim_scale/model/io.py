@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mim_scale.config import ModelConfig, from_dict
+from mim_scale.config import Config, ModelConfig, from_dict
 from mim_scale.errors import UserFacingError
 from mim_scale.export_store import (MAX_JSON_BYTES, SUMS_FILE, ExportIntegrityError, is_remote, parse_sums,
                                     verified_folder, verify_folder)
@@ -36,11 +36,44 @@ ENCODER_FILE = "encoder.safetensors"
 FULL_FILE = "mim_full.safetensors"
 CONFIG_FILE = "config.json"
 ENCODER_PREFIX = "encoder."  # the encoder's keys inside the full pre-training model's state dict
+ARCHITECTURE = "mim-hybrid-encoder"
+SCALING = "clip HU to [hu_min, hu_max], then (hu - hu_min) / (hu_max - hu_min) -> [0, 1]"
 
 
 def encoder_file_metadata(version: str, fmt: str = "mim-scale-encoder") -> dict[str, str]:
     """The safetensors metadata an export's weights carry (``version``: the writing mim-scale's)."""
     return {"format": fmt, "schema_version": str(SCHEMA_VERSION), "version": version}
+
+
+def preprocessing_block(cfg: Config, orientation: str, spacing_mm: Any, axis_order: str | None = None) -> dict[str, Any]:
+    """``config.json["preprocessing"]``: what fine-tuning reads to prepare volumes as the encoder saw them."""
+    block: dict[str, Any] = {"orientation": orientation}
+    if axis_order is not None:
+        block["axis_order"] = axis_order
+    block.update({"spacing_mm": spacing_mm, "hu_min": cfg.data.hu_min, "hu_max": cfg.data.hu_max, "scaling": SCALING,
+                  "pretraining_crop": cfg.data.crop_size, "pretraining_view": cfg.model.view_size})
+    return block
+
+
+def encoder_config(cfg: Config, *, version: str, parameters: int, dtype: str, preprocessing: dict[str, Any],
+                   training: dict[str, Any], library_name: str | None = None) -> dict[str, Any]:
+    """An export's ``config.json`` (what :func:`load_encoder` and fine-tuning read): schema, architecture (the
+    ``model`` config block), sizes, preprocessing, training summary; ``version``: the writing mim-scale's."""
+    config: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "architecture": ARCHITECTURE}
+    if library_name is not None:
+        config["library_name"] = library_name
+    config.update({
+        "software_version": version,
+        "model": cfg.to_dict()["model"],
+        "patch_size": cfg.model.patch_size,
+        "input_size": [cfg.model.view_size] * 3,
+        "in_channels": cfg.model.in_channels,
+        "parameters": parameters,
+        "dtype": dtype,
+        "preprocessing": preprocessing,
+        "training": training,
+    })
+    return config
 
 
 class KeyMismatchError(UserFacingError):
