@@ -67,6 +67,44 @@ def write_nifti(vol: np.ndarray, path: Path, spacing: tuple[float, float, float]
     return path
 
 
+def _new_slice(path: Path, sop_uid: str, study_uid: str, series_uid: str, modality: str) -> FileDataset:
+    """A CT image dataset to be saved at ``path``: file meta (explicit VR little endian) and identity tags."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = modality
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.StudyDate = datetime.date(2020, 1, 1).strftime("%Y%m%d")
+    ds.SeriesNumber = 1
+    return ds
+
+
+def _set_pixels(ds: FileDataset, hu: np.ndarray, signed: bool) -> None:
+    """hu: (H, W) int16 HU -> 16-bit pixel tags and PixelData: signed with intercept 0, or unsigned 12-bit
+    with intercept -1024 (values clipped to -1024..3071)."""
+    ds.Rows, ds.Columns = int(hu.shape[0]), int(hu.shape[1])
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16 if signed else 12
+    ds.HighBit = ds.BitsStored - 1
+    if signed:
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
+        pix = hu.astype(np.int16)
+    else:
+        ds.PixelRepresentation = 0
+        ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
+        pix = (np.clip(hu.astype(np.int32), -1024, 3071) + 1024).astype(np.uint16)
+    ds.PixelData = pix.tobytes()
+
+
 def write_dicom_series(
     vol: np.ndarray,
     folder: Path,
@@ -95,41 +133,15 @@ def write_dicom_series(
     normal = np.cross(row, col)
     paths = []
     for k in range(vol.shape[0]):
-        meta = FileMetaDataset()
         sop_uid = generate_uid()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = folder / file_name(k)
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.Modality = modality
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.StudyDate = datetime.date(2020, 1, 1).strftime("%Y%m%d")
-        ds.SeriesNumber = 1
+        ds = _new_slice(path, sop_uid, study_uid, series_uid, modality)
         ds.InstanceNumber = instance_number(k)
         ds.ImagePositionPatient = [f"{v:.6f}" for v in np.asarray(origin) + k * spacing[2] * normal]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
         ds.PixelSpacing = [f"{spacing[1]:.6f}", f"{spacing[0]:.6f}"]
         ds.SliceThickness = f"{spacing[2]:.6f}"
-        ds.Rows, ds.Columns = int(vol.shape[1]), int(vol.shape[2])
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16 if signed else 12
-        ds.HighBit = ds.BitsStored - 1
-        if signed:
-            ds.PixelRepresentation = 1
-            ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
-            pix = vol[k].astype(np.int16)
-        else:
-            ds.PixelRepresentation = 0
-            ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
-            pix = (np.clip(vol[k].astype(np.int32), -1024, 3071) + 1024).astype(np.uint16)
-        ds.PixelData = pix.tobytes()
+        _set_pixels(ds, vol[k], signed)
         for kw, value in (tags or {}).items():
             setattr(ds, kw, value)
         ds.save_as(str(path), enforce_file_format=True)
