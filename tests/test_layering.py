@@ -8,6 +8,7 @@ Reads the files with ``ast`` (nothing is imported), so it takes well under a sec
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -66,8 +67,10 @@ def _owner(name: str, mods: dict[str, Path]) -> str | None:
     return name or None
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
-    """module -> the mim_scale modules it imports anywhere in its source (FACADE's own imports left out)."""
+    """module -> the mim_scale modules it imports anywhere in its source (FACADE's own imports left out);
+    parsed once per session (the callers only read it)."""
     mods = _modules()
     graph: dict[str, set[str]] = {}
     for mod, path in mods.items():
