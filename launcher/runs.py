@@ -196,66 +196,85 @@ def _probe(target: str, timeout: float = 1.0) -> dict[str, float] | None:
     return found
 
 
-def run_status(run_dir: str, *, probe: bool = True) -> dict[str, Any]:
-    """Everything ``mim-scale status`` prints, as a dict (see the module doc for where each comes from)."""
+def _last_logged_step(run_dir: str) -> dict[str, Any] | None:
+    """The last complete line of ``history.jsonl`` (a torn last line is skipped), None without one."""
+    history = read_text(_join(run_dir, rundir.HISTORY_FILE))
+    if history:
+        for line in reversed(history.splitlines()):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the line rank 0 is appending right now
+    return None
+
+
+def _checkpoint_status(run_dir: str) -> tuple[dict[str, Any] | None, Any]:
+    """The committed checkpoint -> ({path, step, samples_seen, world_size}, restarts from its state), or (None, None)."""
     from mim_scale.engine.checkpoint import STATE_FILE
 
+    ckpt = committed_checkpoint(run_dir)
+    if ckpt is None:
+        return None, None
+    state = _read_json(_join(ckpt, STATE_FILE)) or {}
+    return ({"path": ckpt, "step": state.get("step"), "samples_seen": state.get("samples_seen"),
+             "world_size": state.get("world_size")}, state.get("restarts"))
+
+
+def _worker_status(run_dir: str, probe: bool) -> tuple[list[dict[str, Any]], list[int]]:
+    """Each ``workers/rank-N.json`` in rank order -> (its record with its /metrics target and, when ``probe``,
+    whether that answered and its step; the ``mim_restarts_total`` each answering worker reported).
+    Local run folders only: an object-store run lists no workers."""
+    workers: list[dict[str, Any]] = []
+    restarts: list[int] = []
+    if "://" in run_dir:
+        return workers, restarts
+    records = [p for p in Path(run_dir, rundir.WORKERS_DIR).glob("rank-*.json") if rundir.rank_of(p.name) is not None]
+    for record in sorted(records, key=lambda p: rundir.rank_of(p.name)):
+        w = _read_json(str(record)) or {}
+        target_file = _read_json(str(Path(run_dir, rundir.targets_file(rundir.rank_of(record.name))))) or []
+        targets = [t for group in target_file for t in group.get("targets", [])]
+        w = {k: w.get(k) for k in ("rank", "host", "pid", "node_id", "world_size")}
+        w["metrics"] = targets[0] if targets else None
+        if probe and targets:
+            seen = _probe(targets[0])
+            w["reachable"] = seen is not None
+            if seen:
+                w["step"] = seen.get("mim_step")
+                if seen.get("mim_restarts_total") is not None:
+                    restarts.append(int(seen["mim_restarts_total"]))
+        workers.append(w)
+    return workers, restarts
+
+
+def _driver_alive(state: str, driver: dict[str, Any], workers: list[dict[str, Any]]) -> bool | None:
+    """Is the driver of a ``running`` run alive? Its pid on this host, else any worker answering; None when
+    the driver runs elsewhere and no worker answered (cannot tell from here). False for any other state."""
+    if state != "running":
+        return False
+    if driver.get("host") == socket.gethostname() and driver.get("pid"):
+        return _pid_alive(int(driver["pid"]))
+    if any(w.get("reachable") for w in workers):
+        return True
+    return None
+
+
+def run_status(run_dir: str, *, probe: bool = True) -> dict[str, Any]:
+    """Everything ``mim-scale status`` prints, as a dict (see the module doc for where each comes from)."""
     status: dict[str, Any] = {"run": run_dir.rstrip("/").rsplit("/", 1)[-1], "folder": run_dir}
     driver = _read_json(_join(run_dir, DRIVER_FILE)) or {}
     status["state"] = driver.get("state", "unknown")
     status["driver"] = {k: driver.get(k) for k in ("host", "pid", "address", "ray_address", "launches", "error")
                         if driver.get(k) is not None}
-
-    history = read_text(_join(run_dir, rundir.HISTORY_FILE))
-    last = None
-    if history:
-        for line in reversed(history.splitlines()):
-            try:
-                last = json.loads(line)
-                break
-            except json.JSONDecodeError:
-                continue  # the line rank 0 is appending right now
+    last = _last_logged_step(run_dir)
     status["step"] = last.get("step") if last else None
     status["samples_seen"] = last.get("samples_seen") if last else None
     status["loss"] = last.get("total") if last else None
-
-    ckpt = committed_checkpoint(run_dir)
-    status["checkpoint"] = None
-    status["restarts"] = None
-    if ckpt is not None:
-        state = _read_json(_join(ckpt, STATE_FILE)) or {}
-        status["checkpoint"] = {"path": ckpt, "step": state.get("step"), "samples_seen": state.get("samples_seen"),
-                                "world_size": state.get("world_size")}
-        status["restarts"] = state.get("restarts")
-
-    workers = []
-    if "://" not in run_dir:
-        records = [p for p in Path(run_dir, rundir.WORKERS_DIR).glob("rank-*.json") if rundir.rank_of(p.name) is not None]
-        for record in sorted(records, key=lambda p: rundir.rank_of(p.name)):
-            w = _read_json(str(record)) or {}
-            target_file = _read_json(str(Path(run_dir, rundir.targets_file(rundir.rank_of(record.name))))) or []
-            targets = [t for group in target_file for t in group.get("targets", [])]
-            w = {k: w.get(k) for k in ("rank", "host", "pid", "node_id", "world_size")}
-            w["metrics"] = targets[0] if targets else None
-            if probe and targets:
-                seen = _probe(targets[0])
-                w["reachable"] = seen is not None
-                if seen:
-                    w["step"] = seen.get("mim_step")
-                    if seen.get("mim_restarts_total") is not None:
-                        status["restarts"] = max(status["restarts"] or 0, int(seen["mim_restarts_total"]))
-            workers.append(w)
+    status["checkpoint"], status["restarts"] = _checkpoint_status(run_dir)
+    workers, probed_restarts = _worker_status(run_dir, probe)
+    for count in probed_restarts:
+        status["restarts"] = max(status["restarts"] or 0, count)
     status["workers"] = workers
-
-    alive: bool | None
-    if status["state"] != "running":
-        alive = False
-    elif driver.get("host") == socket.gethostname() and driver.get("pid"):
-        alive = _pid_alive(int(driver["pid"]))
-    elif any(w.get("reachable") for w in workers):
-        alive = True
-    else:
-        alive = None  # the driver runs elsewhere and no worker answered: cannot tell from here
+    alive = _driver_alive(status["state"], driver, workers)
     if status["state"] == "running" and alive is False:
         status["state"] = "driver lost"  # killed without writing its end state; re-run the command to resume
     status["alive"] = alive
