@@ -213,27 +213,13 @@ def pretrain(cfg: Config, *, init: Path | None = None, fault: str | None = None,
 
 def _pretrain(cfg: Config, name: str, storage: str, run_dir: Path, *, init: Path | None, fault: str | None,
               ckpt_fault: str | None, env: dict[str, str] | None, show: bool) -> LaunchResult:
+    """Checks on the driver, the lease, Ray, the trainer, and the run's record in the run folder."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mim_scale.launcher.watch import ControllerEvents, RunWatcher, describe_failure
+    from mim_scale.launcher.watch import RunWatcher, describe_failure
 
     stop_uri = f"{storage.rstrip('/')}/{name}" if "://" in storage else None
-    check_elastic(cfg)
-    parse_fault(fault), parse_ckpt_fault(ckpt_fault)  # a mistyped drill fails here, not in every worker
-    if init is not None:
-        init = check_init(cfg, Path(init))
-    resolve(cfg, worker_range(cfg)[1], training_volume_count(cfg))  # a recipe that cannot run fails here, not in workers
-    clear_stop_request(run_dir, stop_uri)  # a stop request belongs to the run it stopped, not to its resume
-    shards = cfg.data.shards
-    if shards and "://" not in shards and not shards.startswith("pipe:"):
-        shards = str(Path(shards).resolve())
-    cfg = cfg.replace({"data.shards": shards, "launch.name": name})
-    if shards:  # a manifest with a pipe:/absolute/../foreign entry is refused here, before any worker starts
-        from mim_scale.data.stream import manifest_shards
-
-        manifest_shards(cfg.data)
+    cfg, init = _check_before_launch(cfg, name, run_dir, stop_uri, init=init, fault=fault, ckpt_fault=ckpt_fault)
     from mim_scale.launcher.lease import RunLease
 
     lease = RunLease.acquire(stop_uri or str(run_dir))  # a second live launch of this run is refused here
@@ -257,30 +243,8 @@ def _pretrain(cfg: Config, name: str, storage: str, run_dir: Path, *, init: Path
     watcher = None
     try:
         run_files = start_run_folder(str(run_dir))  # workers write targets/history/records here, from any node
-        resources = {"CPU": cfg.launch.cpus_per_worker}
-        if cfg.launch.use_gpu:
-            resources["GPU"] = 1
-        lo, hi = worker_range(cfg)
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "init": str(init) if init else None,
-                               "fault": fault, "ckpt_fault": ckpt_fault, "stop_uri": stop_uri, "run_files": run_files,
-                               "run_uri": f"{storage.rstrip('/')}/{name}",
-                               "env_names": sorted(worker_env(cfg, env)), "extra_env": dict(env or {}),
-                               # quiet: each worker's output to RUN/logs/rank-N.log, where the run folder is
-                               # reachable (a shared storage path, or the driver's node)
-                               "quiet": not console.verbose(), "logs_shared": "://" not in storage,
-                               "driver_node": ray.get_runtime_context().get_node_id()},
-            scaling_config=ScalingConfig(num_workers=hi if lo == hi else (lo, hi), use_gpu=cfg.launch.use_gpu,
-                                         resources_per_worker=resources,
-                                         elastic_resize_monitor_interval_s=ELASTIC_RESIZE_SECONDS),
-            torch_config=TorchConfig(backend="nccl" if cfg.launch.use_gpu else "gloo"),
-            run_config=RunConfig(name=name, storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
-                                 # checkpoints and worker failures as the controller sees them -> RUN/logs/events.jsonl
-                                 callbacks=[ControllerEvents(run_files)]),
-        )
+        trainer = _make_trainer(cfg, name, storage, run_dir, run_files, init=init, fault=fault, ckpt_fault=ckpt_fault,
+                                stop_uri=stop_uri, env=env)
         if progress is not None:
             watcher = RunWatcher(run_dir, cfg.train.steps, progress).start()
         try:
@@ -311,6 +275,65 @@ def _pretrain(cfg: Config, name: str, storage: str, run_dir: Path, *, init: Path
                  step=metrics.get("step"))
     return LaunchResult(run_dir=run_dir, checkpoint=checkpoint, metrics=metrics, error=error,
                         seconds=time.perf_counter() - t0)
+
+
+def _check_before_launch(cfg: Config, name: str, run_dir: Path, stop_uri: str | None, *, init: Path | None,
+                         fault: str | None, ckpt_fault: str | None) -> tuple[Config, Path | None]:
+    """Everything that can fail on the driver, before any worker starts: the elastic range, the drills, the
+    ``--init`` export, the recipe, the manifest. Returns the config with absolute shard paths and the run name,
+    and the resolved ``--init``; clears a stop request a previous launch of this run left."""
+    check_elastic(cfg)
+    parse_fault(fault), parse_ckpt_fault(ckpt_fault)  # a mistyped drill fails here, not in every worker
+    if init is not None:
+        init = check_init(cfg, Path(init))
+    resolve(cfg, worker_range(cfg)[1], training_volume_count(cfg))  # a recipe that cannot run fails here, not in workers
+    clear_stop_request(run_dir, stop_uri)  # a stop request belongs to the run it stopped, not to its resume
+    shards = cfg.data.shards
+    if shards and "://" not in shards and not shards.startswith("pipe:"):
+        shards = str(Path(shards).resolve())
+    cfg = cfg.replace({"data.shards": shards, "launch.name": name})
+    if shards:  # a manifest with a pipe:/absolute/../foreign entry is refused here, before any worker starts
+        from mim_scale.data.stream import manifest_shards
+
+        manifest_shards(cfg.data)
+    return cfg, init
+
+
+def _make_trainer(cfg: Config, name: str, storage: str, run_dir: Path, run_files, *, init: Path | None,
+                  fault: str | None, ckpt_fault: str | None, stop_uri: str | None, env: dict[str, str] | None):
+    """Ray Train's TorchTrainer for this run: one :func:`train_worker` per worker (elastic between
+    ``launch.min_workers`` and ``launch.workers``), restarts from the last checkpoint, the controller's events
+    to the run folder."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mim_scale.launcher.watch import ControllerEvents
+
+    resources = {"CPU": cfg.launch.cpus_per_worker}
+    if cfg.launch.use_gpu:
+        resources["GPU"] = 1
+    lo, hi = worker_range(cfg)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "init": str(init) if init else None,
+                           "fault": fault, "ckpt_fault": ckpt_fault, "stop_uri": stop_uri, "run_files": run_files,
+                           "run_uri": f"{storage.rstrip('/')}/{name}",
+                           "env_names": sorted(worker_env(cfg, env)), "extra_env": dict(env or {}),
+                           # quiet: each worker's output to RUN/logs/rank-N.log, where the run folder is
+                           # reachable (a shared storage path, or the driver's node)
+                           "quiet": not console.verbose(), "logs_shared": "://" not in storage,
+                           "driver_node": ray.get_runtime_context().get_node_id()},
+        scaling_config=ScalingConfig(num_workers=hi if lo == hi else (lo, hi), use_gpu=cfg.launch.use_gpu,
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=ELASTIC_RESIZE_SECONDS),
+        torch_config=TorchConfig(backend="nccl" if cfg.launch.use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+                             # checkpoints and worker failures as the controller sees them -> RUN/logs/events.jsonl
+                             callbacks=[ControllerEvents(run_files)]),
+    )
 
 
 def describe_error(error: BaseException) -> str:
