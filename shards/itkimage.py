@@ -262,19 +262,9 @@ def _itk_error(exc: Exception, path: str) -> InputRejected:
     return InputRejected("read_failed", f"ITK: {tail}"[:300], path)
 
 
-def load_itk(path: str, max_voxels: int = 1 << 30, limits: Any = None) -> Volume:
-    """Read one MetaImage / NRRD volume (see module doc); raises InputRejected with a named reason.
-
-    The declared size is checked before any pixel buffer exists: against ``max_voxels`` and, when given,
-    ``limits.check_source(shape, stored_itemsize, path)`` (the byte caps of ``shards.limits.MemoryLimits``)."""
-    import SimpleITK as sitk
-
-    hdr = read_header(path)
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warnings quote file paths; logs must not
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    reader.SetImageIO("MetaImageIO" if hdr.kind == "metaimage" else "NrrdImageIO")
-    reader.SetNumberOfThreads(1)  # one build task = one core
+def _declared_size(reader: Any, hdr: Header, path: str, max_voxels: int, limits: Any) -> tuple[int, int, int]:
+    """ITK's reading of the header alone (no pixel buffer yet) -> size (x, y, z), checked: one component, 3-D,
+    at most ``max_voxels``, within ``limits``, and the declared bytes present (``_check_bytes``)."""
     try:
         reader.ReadImageInformation()  # header only: no pixel buffer yet
     except RuntimeError as exc:
@@ -295,6 +285,33 @@ def load_itk(path: str, max_voxels: int = 1 << 30, limits: Any = None) -> Volume
     if limits is not None:
         limits.check_source(size[::-1], hdr.element_bytes, path)
     _check_bytes(hdr, voxels)
+    return size  # type: ignore[return-value]
+
+
+def _check_geometry(spacing: np.ndarray, origin: np.ndarray, direction: np.ndarray, path: str) -> None:
+    """spacing (3,) mm, origin (3,) mm, direction (3, 3): finite, plausible voxel sizes, orthonormal columns."""
+    if not np.all(np.isfinite(spacing)) or not np.all(spacing > 1e-4) or np.any(spacing > MAX_SPACING_MM):
+        raise InputRejected("absurd_spacing", f"voxel sizes {spacing.round(4).tolist()} mm", path)
+    if not np.all(np.isfinite(origin)) or not np.all(np.isfinite(direction)):
+        raise InputRejected("sheared_affine", "origin or direction is not finite", path)
+    if np.max(np.abs(direction.T @ direction - np.eye(3))) > 1e-3:
+        raise InputRejected("sheared_affine", "direction columns are not orthonormal (shear or scaling)", path)
+
+
+def load_itk(path: str, max_voxels: int = 1 << 30, limits: Any = None) -> Volume:
+    """Read one MetaImage / NRRD volume (see module doc); raises InputRejected with a named reason.
+
+    The declared size is checked before any pixel buffer exists: against ``max_voxels`` and, when given,
+    ``limits.check_source(shape, stored_itemsize, path)`` (the byte caps of ``shards.limits.MemoryLimits``)."""
+    import SimpleITK as sitk
+
+    hdr = read_header(path)
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warnings quote file paths; logs must not
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.SetImageIO("MetaImageIO" if hdr.kind == "metaimage" else "NrrdImageIO")
+    reader.SetNumberOfThreads(1)  # one build task = one core
+    size = _declared_size(reader, hdr, path, max_voxels, limits)
     try:
         img = reader.Execute()
     except RuntimeError as exc:
@@ -314,12 +331,7 @@ def load_itk(path: str, max_voxels: int = 1 << 30, limits: Any = None) -> Volume
         data += np.float32(hdr.intercept)
     if not np.all(np.isfinite(data)):
         raise InputRejected("non_finite_values", f"{int((~np.isfinite(data)).sum())} NaN/Inf voxels", path)
-    if not np.all(np.isfinite(spacing)) or not np.all(spacing > 1e-4) or np.any(spacing > MAX_SPACING_MM):
-        raise InputRejected("absurd_spacing", f"voxel sizes {spacing.round(4).tolist()} mm", path)
-    if not np.all(np.isfinite(origin)) or not np.all(np.isfinite(direction)):
-        raise InputRejected("sheared_affine", "origin or direction is not finite", path)
-    if np.max(np.abs(direction.T @ direction - np.eye(3))) > 1e-3:
-        raise InputRejected("sheared_affine", "direction columns are not orthonormal (shear or scaling)", path)
+    _check_geometry(spacing, origin, direction, path)
     return Volume(np.ascontiguousarray(data), tuple(spacing), tuple(origin), direction)
 
 
