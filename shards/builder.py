@@ -373,11 +373,7 @@ def build_shards(
     out = Path(out).resolve()
     private = Path(private_dir).resolve() if private_dir is not None else out.with_name(out.name + ".private")
     _check_folders(specs, out, private)
-    excl: set[str] = set()
-    if isinstance(exclude, (str, Path)):
-        excl = read_exclude(Path(exclude))
-    elif exclude:
-        excl = {e.lower() for e in exclude}
+    excl = _exclude_set(exclude)
     _make_folders(out, private)
     if metrics_port is not None:
         metrics.start_server(metrics_port)
@@ -399,6 +395,13 @@ def build_shards(
             pool.close()
     finally:
         lock.close()
+
+
+def _exclude_set(exclude: set[str] | str | Path | None) -> set[str]:
+    """``exclude`` as lower-case hashes / keys: a file of them (``read_exclude``) or the values themselves."""
+    if isinstance(exclude, (str, Path)):
+        return read_exclude(Path(exclude))
+    return {e.lower() for e in exclude} if exclude else set()
 
 
 def _check_folders(specs: list[InputSpec], out: Path, private: Path) -> None:
