@@ -11,10 +11,17 @@ from mim_scale.errors import UserFacingError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """``mim-scale shards SUBCOMMAND``: one parser per subcommand (build, verify, inspect, synth), in help order."""
     p = subparsers.add_parser("shards", help="build, verify and inspect WebDataset CT shards")
     sub = p.add_subparsers(dest="shards_command", metavar="SUBCOMMAND")
     sub.required = True
+    _register_build(sub)
+    _register_verify(sub)
+    _register_inspect(sub)
+    _register_synth(sub)
 
+
+def _register_build(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("build", help="DICOM trees / NIfTI / MetaImage / NRRD files -> de-identified shards + manifest")
     b.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="PATH, NAME=PATH (dataset name; a collection's name selects its recipe: "
@@ -49,16 +56,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="build ImageType DERIVED or SECONDARY images (reformats, computed maps)")
     b.set_defaults(func=_build)
 
+
+def _register_verify(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("verify", help="re-read every shard, check sha256, decode every sample")
     v.add_argument("manifest", type=Path, help="manifest.json or its folder")
     v.set_defaults(func=_verify)
 
+
+def _register_inspect(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("inspect", help="table of counts/shapes/spacing/HU per dataset, PNG montage of mid-slices")
     i.add_argument("manifest", type=Path)
     i.add_argument("--png", type=Path, default=None, help="montage path (default: montage.png beside the manifest)")
     i.add_argument("--max-montage", type=int, default=16)
     i.set_defaults(func=_inspect)
 
+
+def _register_synth(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("synth", help="write N synthetic CT phantoms (for scale tests and benchmarks only)")
     s.add_argument("n", type=int)
     s.add_argument("--out", required=True, type=Path)
