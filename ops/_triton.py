@@ -46,7 +46,7 @@ def require() -> None:
 class Kernels:
     """A named set of kernel bodies, jitted lazily per mode (compiled / interpreted).
 
-    ``Kernels(mse_fwd=body, ...).for_tensor(t).mse_fwd[grid](...)``.
+    ``Kernels(mse=body, ...).for_tensor(t).mse[grid](...)``.
     """
 
     def __init__(self, **bodies: Callable):

@@ -1,7 +1,7 @@
 """Masked normalised-pixel MSE (MAE's loss): torch reference, Triton kernels, autograd Function.
 
     reference(pred, vol, mask, p, eps)   # plain torch: patchify + mean/var + normalise + masked MSE
-    fused(pred, vol, mask, p, eps)       # Triton: _mse_fwd_kernel / _mse_bwd_kernel, autograd included
+    fused(pred, vol, mask, p, eps)       # Triton: _mse_kernel (forward and backward), autograd included
 
 pred: (N, L, p^3 C) decoder output; vol: (N, C, D, H, W) the level's input volume; mask: (N, L), 1 = masked.
 Returns an fp32 scalar: the mean over masked tokens of the per-token mean squared error (0 when nothing is
@@ -30,13 +30,17 @@ def reference(pred: torch.Tensor, vol: torch.Tensor, mask: torch.Tensor, p: int,
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def _mse_fwd_kernel(pred_ptr, vol_ptr, mask_ptr, out_ptr, L, GH, GW, s_n, s_c, s_d, s_h, eps,
-                    C: tl.constexpr, P: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr,
-                    NCHUNK: tl.constexpr):
-    """One program per token: per-token masked squared error against the normalised patch.
+def _mse_kernel(pred_ptr, vol_ptr, mask_ptr, scale_ptr, out_ptr, L, GH, GW, s_n, s_c, s_d, s_h, eps,
+                C: tl.constexpr, P: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, NCHUNK: tl.constexpr,
+                BACKWARD: tl.constexpr):
+    """One program per token; t is the token's patch read straight from the volume, normalised on the fly
+    (tn = (t - mean(t)) / sqrt(var(t) + eps)), so no target is ever stored. Visible tokens (mask 0) read nothing.
 
-    out[row] = mask[row] * mean_e (pred[row, e] - (t_e - mean(t)) / sqrt(var(t) + eps))^2, where t is the
-    token's patch read straight from the volume. Visible tokens (mask 0) read nothing.
+    Forward (``BACKWARD`` False): out[row] = mask[row] * mean_e (pred[row, e] - tn_e)^2; ``scale_ptr`` unused.
+    Backward: out[row, e] = scale * mask[row] * (pred[row, e] - tn_e), scale = 2 g / (E * count); every row is
+    written (zeros for visible tokens), so the gradient buffer needs no separate zero fill.
+    One body for both passes: kernel bodies may call only Triton builtins (``_triton``), and the constexpr
+    branch compiles each pass on its own.
     """
     row = tl.program_id(0).to(tl.int64)
     m = tl.load(mask_ptr + row)
@@ -49,6 +53,7 @@ def _mse_fwd_kernel(pred_ptr, vol_ptr, mask_ptr, out_ptr, L, GH, GW, s_n, s_c, s
     gd = tok // (GW * GH)
     base = n * s_n + gd * P * s_d + gh * P * s_h + gw * P
     pred_row = pred_ptr + row * E
+    grad_row = out_ptr + row * E
     e0 = tl.arange(0, BLOCK)
     if NCHUNK == 1:
         valid = e0 < lim
@@ -60,7 +65,11 @@ def _mse_fwd_kernel(pred_ptr, vol_ptr, mask_ptr, out_ptr, L, GH, GW, s_n, s_c, s
         rstd = 1.0 / tl.sqrt_rn(tl.reduce(d * d, 0, tl.standard._sum_combine) / E + eps)
         x = tl.load(pred_row + e0, mask=valid, other=0.0).to(tl.float32)
         diff = tl.where(valid, x - d * rstd, 0.0)
-        acc = tl.reduce(diff * diff, 0, tl.standard._sum_combine)
+        if BACKWARD:
+            g = tl.load(scale_ptr) * m * diff
+            tl.store(grad_row + e0, g.to(out_ptr.dtype.element_ty), mask=e0 < E)
+        else:
+            tl.store(out_ptr + row, tl.reduce(diff * diff, 0, tl.standard._sum_combine) / E * m)
     else:
         s1 = tl.full([BLOCK], 0.0, tl.float32)
         for i in range(NCHUNK):
@@ -89,77 +98,16 @@ def _mse_fwd_kernel(pred_ptr, vol_ptr, mask_ptr, out_ptr, L, GH, GW, s_n, s_c, s
             t = tl.load(vol_ptr + off, mask=valid, other=0.0).to(tl.float32)
             x = tl.load(pred_row + e, mask=valid, other=0.0).to(tl.float32)
             diff = tl.where(valid, x - (t - mean) * rstd, 0.0)
-            s3 += diff * diff
-        acc = tl.reduce(s3, 0, tl.standard._sum_combine)
-    tl.store(out_ptr + row, acc / E * m)
+            if BACKWARD:
+                g = tl.load(scale_ptr) * m * diff
+                tl.store(grad_row + e, g.to(out_ptr.dtype.element_ty), mask=e < E)
+            else:
+                s3 += diff * diff
+        if not BACKWARD:
+            tl.store(out_ptr + row, tl.reduce(s3, 0, tl.standard._sum_combine) / E * m)
 
 
-def _mse_bwd_kernel(pred_ptr, vol_ptr, mask_ptr, scale_ptr, grad_ptr, L, GH, GW, s_n, s_c, s_d, s_h, eps,
-                    C: tl.constexpr, P: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr,
-                    NCHUNK: tl.constexpr):
-    """grad[row, e] = scale * mask[row] * (pred[row, e] - target[row, e]); scale = 2 g / (E * count).
-
-    Recomputes the patch statistics from the volume instead of storing targets. Writes every row
-    (zeros for visible tokens), so the gradient buffer needs no separate zero fill.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    m = tl.load(mask_ptr + row)
-    # visible tokens get an empty range, so their loads touch no memory
-    lim = (m != 0.0).to(tl.int32) * E
-    coef = tl.load(scale_ptr) * m
-    n = row // L
-    tok = row % L
-    gw = tok % GW
-    gh = (tok // GW) % GH
-    gd = tok // (GW * GH)
-    base = n * s_n + gd * P * s_d + gh * P * s_h + gw * P
-    pred_row = pred_ptr + row * E
-    grad_row = grad_ptr + row * E
-    e0 = tl.arange(0, BLOCK)
-    if NCHUNK == 1:
-        inb = e0 < E
-        valid = e0 < lim
-        v = e0 // C
-        off = base + (e0 % C) * s_c + (v // (P * P)) * s_d + ((v // P) % P) * s_h + v % P
-        t = tl.load(vol_ptr + off, mask=valid, other=0.0).to(tl.float32)
-        mean = tl.reduce(t, 0, tl.standard._sum_combine) / E
-        d = tl.where(valid, t - mean, 0.0)
-        rstd = 1.0 / tl.sqrt_rn(tl.reduce(d * d, 0, tl.standard._sum_combine) / E + eps)
-        x = tl.load(pred_row + e0, mask=valid, other=0.0).to(tl.float32)
-        g = coef * tl.where(valid, x - d * rstd, 0.0)
-        tl.store(grad_row + e0, g.to(grad_ptr.dtype.element_ty), mask=inb)
-    else:
-        s1 = tl.full([BLOCK], 0.0, tl.float32)
-        for i in range(NCHUNK):
-            e = i * BLOCK + e0
-            valid = e < lim
-            v = e // C
-            off = base + (e % C) * s_c + (v // (P * P)) * s_d + ((v // P) % P) * s_h + v % P
-            s1 += tl.load(vol_ptr + off, mask=valid, other=0.0).to(tl.float32)
-        mean = tl.reduce(s1, 0, tl.standard._sum_combine) / E
-        s2 = tl.full([BLOCK], 0.0, tl.float32)
-        for i in range(NCHUNK):
-            e = i * BLOCK + e0
-            valid = e < lim
-            v = e // C
-            off = base + (e % C) * s_c + (v // (P * P)) * s_d + ((v // P) % P) * s_h + v % P
-            t = tl.load(vol_ptr + off, mask=valid, other=0.0).to(tl.float32)
-            d = tl.where(valid, t - mean, 0.0)
-            s2 += d * d
-        rstd = 1.0 / tl.sqrt_rn(tl.reduce(s2, 0, tl.standard._sum_combine) / E + eps)
-        for i in range(NCHUNK):
-            e = i * BLOCK + e0
-            inb = e < E
-            valid = e < lim
-            v = e // C
-            off = base + (e % C) * s_c + (v // (P * P)) * s_d + ((v // P) % P) * s_h + v % P
-            t = tl.load(vol_ptr + off, mask=valid, other=0.0).to(tl.float32)
-            x = tl.load(pred_row + e, mask=valid, other=0.0).to(tl.float32)
-            g = coef * tl.where(valid, x - (t - mean) * rstd, 0.0)
-            tl.store(grad_row + e, g.to(grad_ptr.dtype.element_ty), mask=inb)
-
-
-KERNELS = Kernels(mse_fwd=_mse_fwd_kernel, mse_bwd=_mse_bwd_kernel)
+KERNELS = Kernels(mse=_mse_kernel)
 
 
 def _mse_meta(vol: torch.Tensor, p: int) -> dict:
@@ -177,8 +125,8 @@ def mse_forward(pred: torch.Tensor, vol: torch.Tensor, mask: torch.Tensor, p: in
     if out.numel() == 0:
         return out
     meta = _mse_meta(vol, p)
-    KERNELS.for_tensor(pred).mse_fwd[(n * length,)](pred, vol, mask, out, length, eps=float(eps),
-                                                    num_warps=warps(meta["BLOCK"]), **meta)
+    KERNELS.for_tensor(pred).mse[(n * length,)](pred, vol, mask, mask, out, length, eps=float(eps),  # no scale
+                                                num_warps=warps(meta["BLOCK"]), BACKWARD=False, **meta)
     return out
 
 
@@ -190,8 +138,8 @@ def mse_backward(pred: torch.Tensor, vol: torch.Tensor, mask: torch.Tensor, p: i
     if grad.numel() == 0:
         return grad
     meta = _mse_meta(vol, p)
-    KERNELS.for_tensor(pred).mse_bwd[(n * length,)](pred, vol, mask, scale, grad, length, eps=float(eps),
-                                                    num_warps=warps(meta["BLOCK"]), **meta)
+    KERNELS.for_tensor(pred).mse[(n * length,)](pred, vol, mask, scale, grad, length, eps=float(eps),
+                                                num_warps=warps(meta["BLOCK"]), BACKWARD=True, **meta)
     return grad
 
 

@@ -20,11 +20,12 @@ except ImportError:  # pragma: no cover - a triton without these cannot be check
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
-MSE = {"pred_ptr": "*bf16", "vol_ptr": "*fp32", "mask_ptr": "*fp32", "out_ptr": "*fp32", "L": "i32", "GH": "i32",
-       "GW": "i32", "s_n": "i32", "s_c": "i32", "s_d": "i32", "s_h": "i32", "eps": "fp32", "C": "constexpr",
-       "P": "constexpr", "E": "constexpr", "BLOCK": "constexpr", "NCHUNK": "constexpr"}
-MSE_BWD = {"pred_ptr": "*bf16", "vol_ptr": "*fp32", "mask_ptr": "*fp32", "scale_ptr": "*fp32", "grad_ptr": "*bf16",
-           **{k: v for k, v in MSE.items() if not k.endswith("_ptr")}}
+# one body for both passes: the forward writes fp32 per-token errors, the backward the gradient in pred's dtype
+MSE = {"pred_ptr": "*bf16", "vol_ptr": "*fp32", "mask_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": "*fp32",
+       "L": "i32", "GH": "i32", "GW": "i32", "s_n": "i32", "s_c": "i32", "s_d": "i32", "s_h": "i32", "eps": "fp32",
+       "C": "constexpr", "P": "constexpr", "E": "constexpr", "BLOCK": "constexpr", "NCHUNK": "constexpr",
+       "BACKWARD": "constexpr"}
+MSE_BWD = {**MSE, "out_ptr": "*bf16"}
 VIEWS = {"crop_ptr": "*bf16", "out_ptr": "*bf16", "oct_ptr": "*i64", "pick_ptr": "*i64", "mask_ptr": "*fp32",
          "N": "i32", "K2": "i32", "K3": "i32", "scale": "fp32", "C": "constexpr", "S": "constexpr", "P": "constexpr",
          "HAS_MASK": "constexpr", "BLOCK": "constexpr"}
@@ -39,21 +40,21 @@ DW_WGRAD = {"x_ptr": "*bf16", "keep_ptr": "*bf16", "g_ptr": "*bf16", "part_ptr":
 KERNEL_SETS = {"mse_fwd": loss.KERNELS, "mse_bwd": loss.KERNELS, "gather": gather.KERNELS,
                "gather_bwd": gather.KERNELS, "scatter": scatter.KERNELS, "fill_grad": scatter.KERNELS,
                "views": views.KERNELS, "dw_conv": depthwise.KERNELS, "dw_wgrad": depthwise.KERNELS}
-KERNEL_NAMES = {"dw_conv": "conv", "dw_wgrad": "wgrad"}
+KERNEL_NAMES = {"dw_conv": "conv", "dw_wgrad": "wgrad", "mse_fwd": "mse", "mse_bwd": "mse"}
 
 
-def _mse_consts(c: int, d: int, p: int) -> dict:
+def _mse_consts(c: int, d: int, p: int, backward: bool = False) -> dict:
     import torch
 
     meta = loss._mse_meta(torch.empty((1, c, d, d, d), device="meta"), p)
-    return {k: meta[k] for k in ("C", "P", "E", "BLOCK", "NCHUNK")}
+    return {**{k: meta[k] for k in ("C", "P", "E", "BLOCK", "NCHUNK")}, "BACKWARD": backward}
 
 
 CASES = [
     ("mse_fwd", MSE, _mse_consts(1, 96, 16), 8),
     ("mse_fwd", MSE, _mse_consts(1, 96, 32), 8),  # chunked
-    ("mse_bwd", MSE_BWD, _mse_consts(1, 96, 16), 8),
-    ("mse_bwd", MSE_BWD, _mse_consts(2, 96, 32), 8),
+    ("mse_bwd", MSE_BWD, _mse_consts(1, 96, 16, backward=True), 8),
+    ("mse_bwd", MSE_BWD, _mse_consts(2, 96, 32, backward=True), 8),
     ("gather", {"x_ptr": "*bf16", "ids_ptr": "*i64", "out_ptr": "*bf16", "L": "i32", "K": "i32", "E": "i32",
                 "BLOCK_E": "constexpr"}, {"BLOCK_E": 512}, 2),
     ("gather_bwd", {"g_ptr": "*bf16", "ids_ptr": "*i64", "out_ptr": "*fp32", "L": "i32", "K": "i32", "E": "i32",
