@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from depthwise_check import best_ms  # a sibling script: gpu/ is sys.path[0] when run as python gpu/<name>.py
+
 WINDOWS = ((-1000.0, 1000.0), (-175.0, 250.0))  # the recipe's, BTCV fine-tuning's
 
 
@@ -64,20 +66,6 @@ def parity(device: torch.device, volume: np.ndarray, crop: int) -> dict:
             got = hu_window(hu.to(device), hu_min, hu_max).cpu()
             out[f"{name} [{hu_min:g}, {hu_max:g}]"] = bool(torch.equal(got, old_window(hu, hu_min, hu_max)))
     return out
-
-
-def best_ms(fn, device: torch.device, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def transfer(device: torch.device, batch: int, crop: int, reps: int) -> dict:
