@@ -9,7 +9,8 @@ never handed to another reader). Before ITK sees a file the header is screened h
   file-name patterns (``LIST``, ``%03d``) are refused;
 * the element type must be a known scalar type (a named reject otherwise);
 * ITK's ``ReadImageInformation`` (header only, no pixel buffer) gives the size, checked against
-  ``max_voxels`` before any allocation; uncompressed data must hold every declared byte.
+  ``max_voxels`` before any allocation; uncompressed data must hold every declared byte, and a compressed
+  stream must inflate to every one (checked 1 MiB at a time: ITK would leave the rest of its buffer uninitialised).
 
 Output contract: ``array`` is ``(D, H, W)`` = ``(k, j, i)`` ITK order, ``spacing`` ``(sx, sy, sz)`` mm,
 ``origin`` and ``direction`` in LPS (ITK's own frame; NRRD ``space`` fields are converted by ITK), not
@@ -83,6 +84,7 @@ class Header:
     compressed_bytes: int | None = None  # MetaImage CompressedDataSize, when given
     slope: float = 1.0
     intercept: float = 0.0
+    encoding: str = "raw"  # how the voxel bytes are stored: raw, zlib (MetaImage), gzip, bzip2, text, hex
 
 
 def _bounded_header_text(path: str) -> bytes:
@@ -169,7 +171,9 @@ def _metaimage_header(path: str, head: bytes) -> Header:
         skip = int(_number(fields.get("headersize", "0"), "HeaderSize", path))
         if skip < -1:
             raise InputRejected("bad_header", f"HeaderSize {skip}", path)
-    return Header(path, "metaimage", METAIMAGE_TYPES[etype.upper()], data_path, skip, binary and not compressed, csize, slope, intercept)
+    encoding = "zlib" if compressed else ("raw" if binary else "text")
+    return Header(path, "metaimage", METAIMAGE_TYPES[etype.upper()], data_path, skip, binary and not compressed, csize, slope,
+                  intercept, encoding)
 
 
 def _nrrd_header(path: str, head: bytes) -> Header:
@@ -220,7 +224,8 @@ def _nrrd_header(path: str, head: bytes) -> Header:
         if data_file.upper().startswith("LIST") or "%" in data_file or len(data_file.split()) > 1:
             raise InputRejected("unsupported_format", f"NRRD data file {data_file!r}: a list or pattern of files (one data file per volume is supported)", path)
         data_path = _safe_data_path(path, data_file)
-    return Header(path, "nrrd", NRRD_TYPES[ntype.lower()], data_path, skip, encoding == "raw")
+    canonical = {"gz": "gzip", "bz2": "bzip2", "ascii": "text", "txt": "text"}.get(encoding, encoding)
+    return Header(path, "nrrd", NRRD_TYPES[ntype.lower()], data_path, skip, encoding == "raw", encoding=canonical)
 
 
 def read_header(path: str) -> Header:
@@ -352,3 +357,41 @@ def _check_bytes(hdr: Header, voxels: int) -> None:
         avail = have - max(hdr.data_offset, 0)
         if avail < hdr.compressed_bytes:
             raise InputRejected("truncated", f"the data holds {avail} bytes, CompressedDataSize declares {hdr.compressed_bytes}", hdr.path)
+    if hdr.encoding in ("zlib", "gzip", "bzip2"):
+        _check_inflated(hdr, data_path, voxels * hdr.element_bytes)
+
+
+def _check_inflated(hdr: Header, data_path: str, need: int) -> None:
+    """A compressed stream must inflate to every declared byte: ITK fills what the stream holds and leaves the
+    rest of its buffer as it found it (process memory would become voxels). Inflated here first, 1 MiB at a time
+    and discarded, stopping one byte past ``need`` (a bomb costs no memory)."""
+    import bz2
+    import zlib
+
+    if hdr.data_offset == -1:  # "the data is at the file's end" needs the stored size: only raw data has one
+        raise InputRejected("unsupported_format", f"{hdr.encoding} data with a header/byte skip of -1", hdr.path)
+    piece = 1 << 20
+    inflater: Any = bz2.BZ2Decompressor() if hdr.encoding == "bzip2" else zlib.decompressobj(zlib.MAX_WBITS | 32)
+    total = 0
+    try:
+        with fileio.open_input(data_path) as f:
+            f.seek(hdr.data_offset)
+            while total <= need and not inflater.eof:
+                chunk = f.read(piece)
+                if not chunk:
+                    break
+                total += len(inflater.decompress(chunk, piece))
+                while total <= need and not inflater.eof and _pending(inflater):
+                    total += len(inflater.decompress(inflater.unconsumed_tail if hdr.encoding != "bzip2" else b"", piece))
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputRejected("pixel_decode_failed", f"{hdr.encoding} stream: {type(exc).__name__}: {exc}"[:300], hdr.path) from exc
+    if total < need:
+        raise InputRejected("truncated", f"the {hdr.encoding} data inflates to {total} bytes, the header declares {need} "
+                            f"({need // hdr.element_bytes} voxels x {hdr.element_bytes} bytes)", hdr.path)
+
+
+def _pending(inflater: Any) -> bool:
+    """More output waits inside the inflater without new input (zlib: an unconsumed tail; bz2: no input needed)."""
+    if hasattr(inflater, "unconsumed_tail"):
+        return bool(inflater.unconsumed_tail)
+    return not inflater.needs_input

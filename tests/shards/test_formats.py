@@ -194,6 +194,23 @@ def _bad_corpus(root: Path, vol: np.ndarray) -> dict[str, str]:
     h = write_itk(vol, root / "nrrd_gzip_truncated" / "v.nrrd", compress=True)
     os.truncate(h, h.stat().st_size - 200)
     bad["nrrd_gzip_truncated"] = "truncated"
+    # a complete compressed stream that holds fewer voxels than the header declares: ITK would fill the rest of
+    # its buffer with whatever memory held (G's reproducer: a different last slice on every read)
+    h = write_itk(vol, root / "mha_zlib_short_stream" / "v.mha", compress=True)
+    data = h.read_bytes()
+    assert f"DimSize = {vol.shape[2]} {vol.shape[1]} {vol.shape[0]}".encode() in data
+    h.write_bytes(data.replace(f"DimSize = {vol.shape[2]} {vol.shape[1]} {vol.shape[0]}".encode(),
+                               f"DimSize = {vol.shape[2]} {vol.shape[1]} {vol.shape[0] + 1}".encode(), 1))
+    bad["mha_zlib_short_stream"] = "truncated"
+    h = write_itk(vol, root / "zraw_short_stream" / "v.mhd", compress=True)
+    _edit_header(h, f"DimSize = {vol.shape[2]} {vol.shape[1]} {vol.shape[0]}",
+                 f"DimSize = {vol.shape[2]} {vol.shape[1]} {vol.shape[0] + 1}")
+    bad["zraw_short_stream"] = "truncated"
+    h = write_itk(vol, root / "nrrd_gzip_short_stream" / "v.nrrd", compress=True)
+    data = h.read_bytes()
+    h.write_bytes(data.replace(f"sizes: {vol.shape[2]} {vol.shape[1]} {vol.shape[0]}".encode(),
+                               f"sizes: {vol.shape[2]} {vol.shape[1]} {vol.shape[0] + 1}".encode(), 1))
+    bad["nrrd_gzip_short_stream"] = "truncated"
     h = write_itk(vol, root / "nhdr_truncated" / "v.nhdr")
     os.truncate(h.with_suffix(".raw"), nbytes - 2)
     bad["nhdr_truncated"] = "truncated"
