@@ -58,10 +58,15 @@ class TreeSource:
     yaml: bool = False
     atomic_tables: frozenset[str] = frozenset()
 
-    def read(self, source: str | Path) -> dict[str, Any]:
-        """The raw tree of a shipped name or a file, with ``extends`` resolved; ``name`` defaults to its stem."""
+    def read(self, source: str | Path, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The raw tree of a shipped name or a file, with ``extends`` resolved; ``name`` defaults to its stem.
+        An ``extends`` chain that comes back to a tree it already read is a ConfigError naming the chain."""
         source = str(source)
         path = Path(source)
+        key = source if not path.exists() else str(path.resolve())
+        if key in _chain:
+            raise ConfigError(self.what, f"'extends' loops back: {' -> '.join((*_chain, key))}")
+        _chain = (*_chain, key)
         if not path.exists() and "/" not in source and not path.suffix:
             shipped = resources.files("mim_scale.configs").joinpath(self.shipped_file(source))
             if not shipped.is_file():
@@ -74,7 +79,7 @@ class TreeSource:
             tree = self._read_file(path)
             tree.setdefault("name", path.stem)
             base_dir = path.parent
-        return self._resolve_extends(tree, base_dir)
+        return self._resolve_extends(tree, base_dir, _chain)
 
     def _read_file(self, path: Path) -> dict[str, Any]:
         if not path.is_file():
@@ -93,13 +98,13 @@ class TreeSource:
             raise ConfigError(self.what, f"{path} must hold a table of sections")
         return tree
 
-    def _resolve_extends(self, tree: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    def _resolve_extends(self, tree: dict[str, Any], base_dir: Path | None, chain: tuple[str, ...]) -> dict[str, Any]:
         """Merge ``tree`` over the tree its ``extends`` key names (a file beside it, else a shipped name)."""
         parent = tree.pop("extends", None)
         if parent:
             if base_dir is not None and (base_dir / parent).is_file():
                 parent = str(base_dir / parent)
-            tree = self.merge(self.read(parent), tree)
+            tree = self.merge(self.read(parent, chain), tree)
         return tree
 
     def merge(self, base: dict, top: dict) -> dict:

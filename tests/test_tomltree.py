@@ -47,3 +47,18 @@ def test_overrides_are_toml_values_and_errors_name_the_key(tmp_path):
     (tmp_path / "bad.toml").write_text("[train\n")
     with pytest.raises(ConfigError, match=r"^thing: cannot parse .*bad\.toml"):
         _source().read(tmp_path / "bad.toml")
+
+
+def test_an_extends_loop_is_an_error_naming_the_chain(tmp_path):
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n[train]\nsteps = 1\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(ConfigError, match=r"'extends' loops back: .*a\.toml -> .*b\.toml -> .*a\.toml"):
+        _source().read(tmp_path / "a.toml")
+    (tmp_path / "self.toml").write_text('extends = "self.toml"\n')
+    with pytest.raises(ConfigError, match="loops back"):
+        _source().read(tmp_path / "self.toml")
+    # a diamond is not a loop: two trees may extend the same base
+    (tmp_path / "base.toml").write_text('[train]\nsteps = 5\n')
+    (tmp_path / "mid.toml").write_text('extends = "base.toml"\n')
+    (tmp_path / "top.toml").write_text('extends = "mid.toml"\n')
+    assert _source().read(tmp_path / "top.toml")["train"]["steps"] == 5
