@@ -39,6 +39,7 @@ import torch
 
 import mim_scale
 from mim_scale.fileutil import write_atomic
+from mim_scale.rundir import step_of
 
 TAG = "mim"
 STATE_FILE = "state.json"
@@ -212,8 +213,7 @@ def commit_local(tmp_dir: Path, final_dir: Path, keep_last: int) -> None:
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)
-    siblings = sorted((p for p in final_dir.parent.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
-                      key=lambda p: int(p.name.split("_")[1]))
+    siblings = sorted((p for p in final_dir.parent.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
     for old in siblings[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
