@@ -169,9 +169,10 @@ def return_freed_memory(threshold_bytes: int = CPU_MMAP_THRESHOLD_BYTES) -> bool
     Why: by default glibc raises its mmap threshold to the size of each mmapped block freed (up to 32 MiB), so
     after the first few frees tensors of up to 32 MiB come from the heap, and a heap only shrinks from its top.
     A training process on CPU frees and re-allocates such tensors all the time (ZeRO-3 gathers and releases
-    every parameter, twice a step), and the holes stay resident: measured on ``large`` under ZeRO-3 (2 ranks),
-    peak RSS 4902 MiB per rank for 3054 MiB of live tensors, 3545 MiB with a fixed 1 MiB threshold; on ``base``
-    the step was not slower (engine/README.md, ZeRO memory). A threshold the operator set
+    every parameter, twice a step), and the holes stay resident: measured on ``large`` under ZeRO-3 (2 ranks,
+    benchmarks/zero_memory.py), peak RSS 5114 MiB per rank for 3110 MiB of live tensors, 3623 MiB with a fixed
+    1 MiB threshold, at a cost in step time on CPU (fresh mappings are faulted in; engine/README.md, ZeRO
+    memory: 49.5 vs 35.6 s/step there, noisy). A threshold the operator set
     (``MALLOC_MMAP_THRESHOLD_`` in the environment) is left as it is; not glibc (musl, macOS): nothing changes.
     """
     if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
