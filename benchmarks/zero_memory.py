@@ -1,6 +1,7 @@
 """ZeRO memory: peak RSS per worker, ZeRO-3 against ZeRO-0 measured side by side (2 CPU workers, gloo).
 
     OMP_NUM_THREADS=1 python benchmarks/zero_memory.py                       # large (304M), 64^3 crops; ~15 min
+    OMP_NUM_THREADS=1 python benchmarks/zero_memory.py --return-freed-memory # same, glibc mmap threshold 1 MiB
     OMP_NUM_THREADS=1 python benchmarks/zero_memory.py --config tiny --crop 32 --view 16   # wiring, ~1 min
 
 The product's own path, in fresh processes per stage: ``deepspeed_engine.build_model`` (under ZeRO-3 the
@@ -84,8 +85,8 @@ def _worker(rank: int, world: int, port: int, stage: int, args: dict, out: str) 
     from mim_scale.engine.deepspeed_engine import build_engine, build_model, init_distributed
 
     without = set(args["without"])
-    if "malloc" in without:  # glibc's default, dynamic mmap threshold
-        deepspeed_engine.return_freed_memory = lambda *a, **k: False
+    if args["return_freed_memory"]:  # the engine's opt-in fixed mmap threshold (deepspeed_engine.return_freed_memory)
+        os.environ["MIM_SCALE_RETURN_FREED_MEMORY"] = "1"
     if "config" in without:  # DeepSpeed's defaults for the ZeRO-3 live / reuse windows, sub-groups, reduce bucket
         deepspeed_engine.ZERO3_MEMORY.clear()
         deepspeed_engine.ZERO3_MEMORY["reduce_bucket_size"] = 5e7  # the engine's value before
@@ -157,7 +158,8 @@ def run_stage(stage: int, args: argparse.Namespace) -> dict:
     try:
         mp.start_processes(_worker, args=(2, free_port(), stage, {"config": args.config, "crop": args.crop,
                                                                   "view": args.view, "steps": args.steps,
-                                                                  "set": args.set, "without": args.without}, out),
+                                                                  "set": args.set, "without": args.without,
+                                                                  "return_freed_memory": args.return_freed_memory}, out),
                            nprocs=2, start_method="spawn")
         return {"ranks": [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]}
     finally:
@@ -204,18 +206,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--without", default="", type=lambda v: [w for w in v.split(",") if w],
                         help="undo fixes, comma-separated, to measure what each saves: config (DeepSpeed's ZeRO-3 "
-                             "defaults), zero_init (model built whole), malloc (glibc's dynamic mmap threshold). "
-                             "The streamed full-state save cannot be undone")
+                             "defaults), zero_init (model built whole). The streamed full-state save cannot be undone")
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="both stages with MIM_SCALE_RETURN_FREED_MEMORY=1 (glibc mmap threshold 1 MiB: less "
+                             "RSS, slower CPU steps)")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: the system temp dir)")
     args = parser.parse_args(argv)
-    unknown = set(args.without) - {"config", "zero_init", "malloc"}
+    unknown = set(args.without) - {"config", "zero_init"}
     if unknown:
         parser.error(f"--without: unknown {sorted(unknown)}")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mim-scale" / "torch_extensions"))
     runs = {stage: run_stage(stage, args) for stage in (int(s) for s in args.stages.split(","))}
     record = summarise(runs)
     record.update({"config": args.config, "crop": args.crop, "view": args.view, "steps": args.steps,
-                   "overrides": args.set, "without": args.without})
+                   "overrides": args.set, "without": args.without,
+                   "return_freed_memory": args.return_freed_memory})
     print(json.dumps(record), flush=True)
     return 0
 

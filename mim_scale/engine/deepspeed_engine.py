@@ -154,7 +154,8 @@ def init_distributed(use_gpu: bool) -> None:
 
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        return_freed_memory()
+        if os.environ.get("MIM_SCALE_RETURN_FREED_MEMORY") == "1":  # opt-in: less RSS, slower CPU steps
+            return_freed_memory()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False)
 
 
@@ -172,7 +173,9 @@ def return_freed_memory(threshold_bytes: int = CPU_MMAP_THRESHOLD_BYTES) -> bool
     every parameter, twice a step), and the holes stay resident: measured on ``large`` under ZeRO-3 (2 ranks,
     benchmarks/zero_memory.py), peak RSS 5114 MiB per rank for 3110 MiB of live tensors, 3623 MiB with a fixed
     1 MiB threshold, at a cost in step time on CPU (fresh mappings are faulted in; engine/README.md, ZeRO
-    memory: 49.5 vs 35.6 s/step there, noisy). A threshold the operator set
+    memory: 49.5 vs 35.6 s/step there, noisy; at 128^3 crops the page faults took ~45 % of the CPU time and a
+    step of ``large`` took over 20 min). So it is opt-in: ``MIM_SCALE_RETURN_FREED_MEMORY=1`` in the workers'
+    environment makes :func:`init_distributed` apply it on CPU. A threshold the operator set
     (``MALLOC_MMAP_THRESHOLD_`` in the environment) is left as it is; not glibc (musl, macOS): nothing changes.
     """
     if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
