@@ -83,7 +83,7 @@ def setup(verbose_flag: bool = False) -> None:
         return
     if any(h.get_name() == _CONSOLE_HANDLER for h in root.handlers):
         return  # set up already (main() called again in one process)
-    console = logging.StreamHandler(sys.stderr)
+    console = _StderrHandler()
     console.setLevel(logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     console.addFilter(_OursOrErrors())
@@ -91,6 +91,22 @@ def setup(verbose_flag: bool = False) -> None:
     root.addHandler(console)
     logging.captureWarnings(True)  # warnings -> the "py.warnings" logger -> the log files, not the terminal
     quiet_third_party()
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes: a stream bound at set-up may be closed or
+    replaced later (``mim-scale`` called in-process by a notebook or a test runner that captures stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__/setStream assign it; sys.stderr stays the target
+        pass
 
 
 class _OursOrErrors(logging.Filter):

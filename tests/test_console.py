@@ -107,3 +107,16 @@ def test_verbose_is_the_flag_or_the_existing_log_variable(monkeypatch):
     assert not console.verbose()
     monkeypatch.setenv(console.LOG_ENV, "DEBUG")
     assert console.verbose() and console.log_level() == logging.DEBUG
+
+
+def test_the_quiet_terminal_handler_follows_the_current_stderr(monkeypatch, caplog):
+    """`mim-scale` run in-process (a notebook, a test) under a stderr that is later closed: the console
+    handler writes to the stderr of the moment, so a later warning neither errors nor goes missing."""
+    first, later = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    handler = console._StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    first.close()
+    monkeypatch.setattr("sys.stderr", later)
+    handler.emit(logging.LogRecord("mim_scale.x", logging.WARNING, __file__, 1, "still shown", None, None))
+    assert later.getvalue() == "still shown\n"
