@@ -6,6 +6,7 @@ project's own ``mim-scale sample-data`` fetch into a cache folder.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -72,3 +73,37 @@ def s3_server():
             os.environ[k] = v
     proc.terminate()
     proc.wait(timeout=10)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+@pytest.fixture
+def logged():
+    """``logged(name)`` -> the records of logger ``name`` from then on (``.records``, ``.text``), caught on that
+    logger itself: unlike caplog's root handler, independent of what earlier in-process runs of the CLI did to
+    the root logger's handlers (a whole-suite run lost caplog records that way; not yet explained)."""
+    attached = []
+
+    def catch(name: str, level: int = logging.WARNING) -> _Records:
+        logger = logging.getLogger(name)
+        handler = _Records()
+        attached.append((logger, handler, logger.level))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        return handler
+
+    yield catch
+    for logger, handler, level in attached:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

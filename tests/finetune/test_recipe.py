@@ -41,11 +41,11 @@ def test_exported_preprocessing_is_the_default_and_recipes_override_it(tmp_path)
     assert r.train.steps == 7 and r.name == "mine"
 
 
-def test_recipe_orientation_other_than_the_encoders_is_warned(caplog):
-    with caplog.at_level("WARNING", logger="mim_scale.finetune.recipe"):
-        load_recipe("btcv", preprocessing=EXPORTED)
-        assert not caplog.records  # shipped recipes orient like pre-training
-        r = load_recipe("btcv", ['preprocessing.orientation="RAS"'], preprocessing=EXPORTED)
+def test_recipe_orientation_other_than_the_encoders_is_warned(logged):
+    caplog = logged("mim_scale.finetune.recipe")
+    load_recipe("btcv", preprocessing=EXPORTED)
+    assert not caplog.records  # shipped recipes orient like pre-training
+    r = load_recipe("btcv", ['preprocessing.orientation="RAS"'], preprocessing=EXPORTED)
     assert r.preprocessing.orientation == "RAS"  # the user's choice stands, with a warning
     assert "differs from the encoder's pre-training orientation SPL" in caplog.text
 

@@ -76,7 +76,8 @@ def test_restart_count_is_monotonic():
         m.set_restarts(1)
 
 
-def test_checkpoint_and_corrupt_counters(caplog):
+def test_checkpoint_and_corrupt_counters(logged):
+    caplog = logged("mim_scale.metrics.train")
     m = TrainMetrics("r", 0, serve=False)
     m.record_checkpoint(2.5, 10_000)
     m.record_checkpoint(1.0, 5_000)
@@ -133,7 +134,8 @@ def test_port_and_target_helpers():
         server.close()
 
 
-def test_impossible_mfu_is_exported_with_a_warning(caplog):
+def test_impossible_mfu_is_exported_with_a_warning(logged):
+    caplog = logged("mim_scale.metrics.train")
     m = TrainMetrics("r", 0, serve=False)
     m.record_step(1, 0.1, 0.0, 1, 1, 1, GOOD, lr=1e-3, mfu=1.7)
     assert m.sample("mim_mfu") == 1.7
