@@ -13,6 +13,7 @@ save/stop decision all ranks agree on), :mod:`.record` (metrics, history, Tensor
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -94,7 +95,7 @@ def _save(engine, scheduler, state: ckpt.TrainState, losses: dict[str, float], c
           reporter: Reporter, recorder: StepRecorder, record: dict[str, Any], rank: int, device) -> None:
     """A collective checkpoint of this step: every rank writes its part into the reporter's scratch folder, and
     the reporter commits it (rank 0 locally; Ray Train under Ray)."""
-    state.losses = {k: v for k, v in losses.items() if v == v and abs(v) != float("inf")}
+    state.losses = {k: v for k, v in losses.items() if math.isfinite(v)}
     state.scheduler_epoch = int(scheduler.last_epoch) if scheduler is not None else state.step
     state.corrupt_skipped += int(sum_over_ranks([corrupt.take_since_checkpoint()], device)[0])
     t_save = time.perf_counter()
