@@ -88,15 +88,15 @@ def time_deepspeed(size: str, steps: int, batch: int, zero: int, offload: bool =
     major, minor = torch.cuda.get_device_capability()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
     from mim_scale.config import load_config
-    from mim_scale.engine.deepspeed_engine import build_engine, init_distributed
-    from mim_scale.model import build_model, flops_per_sample
+    from mim_scale.engine.deepspeed_engine import build_engine, build_model, init_distributed
+    from mim_scale.model import flops_per_sample
 
     cfg = load_config(size, [f"train.zero_stage={zero}", "launch.use_gpu=true", f"train.micro_batch={batch}",
                              "train.precision=bf16", "train.steps=100",
                              f"train.offload_optimizer={'true' if offload else 'false'}"])
     init_distributed(True)
     torch.cuda.set_device(0)
-    model = build_model(cfg)
+    model = build_model(cfg, 1)  # the engine's own construction: under ZeRO-3 inside deepspeed.zero.Init
     t0 = time.perf_counter()
     engine, _, _ = build_engine(cfg, model, 1)
     build_s = time.perf_counter() - t0
