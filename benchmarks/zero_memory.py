@@ -1,7 +1,7 @@
 """ZeRO memory: peak RSS per worker, ZeRO-3 against ZeRO-0 measured side by side (2 CPU workers, gloo).
 
-    OMP_NUM_THREADS=1 python benchmarks/zero_memory.py                       # large (304M), 64^3 crops; ~15 min
-    OMP_NUM_THREADS=1 python benchmarks/zero_memory.py --return-freed-memory # same, glibc mmap threshold 1 MiB
+    OMP_NUM_THREADS=1 python benchmarks/zero_memory.py            # large (304M), 64^3 crops, as shipped; ~7 min
+    OMP_NUM_THREADS=1 python benchmarks/zero_memory.py --set train.cpu_mmap_threshold_mib=0  # glibc's default
     OMP_NUM_THREADS=1 python benchmarks/zero_memory.py --config tiny --crop 32 --view 16   # wiring, ~1 min
 
 The product's own path, in fresh processes per stage: ``deepspeed_engine.build_model`` (under ZeRO-3 the
@@ -85,18 +85,17 @@ def _worker(rank: int, world: int, port: int, stage: int, args: dict, out: str) 
     from mim_scale.engine.deepspeed_engine import build_engine, build_model, init_distributed
 
     without = set(args["without"])
-    if args["return_freed_memory"]:  # the engine's opt-in fixed mmap threshold (deepspeed_engine.return_freed_memory)
-        os.environ["MIM_SCALE_RETURN_FREED_MEMORY"] = "1"
     if "config" in without:  # DeepSpeed's defaults for the ZeRO-3 live / reuse windows, sub-groups, reduce bucket
         deepspeed_engine.ZERO3_MEMORY.clear()
         deepspeed_engine.ZERO3_MEMORY["reduce_bucket_size"] = 5e7  # the engine's value before
-    init_distributed(False)
-    live = _LiveHeap()
-    start = _status_mib()["VmRSS"]
     cfg = load_config(args["config"], [f"train.zero_stage={stage}", f"data.crop_size={args['crop']}",
                                        f"model.view_size={args['view']}", "train.micro_batch=1", "train.grad_accum=1",
                                        f"train.global_batch_crops={world}", "train.steps=100", "train.warmup_steps=1",
                                        "metrics.enabled=false"] + args["set"])
+    mmap_threshold = deepspeed_engine.cpu_mmap_threshold_bytes(cfg)
+    init_distributed(False, mmap_threshold)  # as engine/startup does: the config's glibc mmap threshold
+    live = _LiveHeap()
+    start = _status_mib()["VmRSS"]
     torch.manual_seed(cfg.train.seed)
     if "zero_init" in without:  # built whole, partitioned by deepspeed.initialize
         from mim_scale.engine.sync_bn import convert_sync_batchnorm
@@ -126,7 +125,7 @@ def _worker(rank: int, world: int, port: int, stage: int, args: dict, out: str) 
         "params": params, "start_rss_mib": start, "peak_rss_steps_mib": after_steps["VmHWM"],
         "rss_after_steps_mib": after_steps["VmRSS"], "peak_rss_with_save_mib": after_save["VmHWM"],
         "live_heap_peak_steps_mib": live_after_steps, "live_heap_peak_with_save_mib": live.peak_mib,
-        "step_s": step_s, "save_s": save_s, "held_elements": held,
+        "step_s": step_s, "save_s": save_s, "held_elements": held, "mmap_threshold_mib": mmap_threshold / 2**20,
         "full_state_bytes": (save_dir / "full_state.safetensors").stat().st_size if rank == 0 else None}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -158,8 +157,7 @@ def run_stage(stage: int, args: argparse.Namespace) -> dict:
     try:
         mp.start_processes(_worker, args=(2, free_port(), stage, {"config": args.config, "crop": args.crop,
                                                                   "view": args.view, "steps": args.steps,
-                                                                  "set": args.set, "without": args.without,
-                                                                  "return_freed_memory": args.return_freed_memory}, out),
+                                                                  "set": args.set, "without": args.without}, out),
                            nprocs=2, start_method="spawn")
         return {"ranks": [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]}
     finally:
@@ -185,6 +183,7 @@ def summarise(runs: dict[int, dict]) -> dict:
                                           for r in ranks],
             "step_s": col(stage, "step_s", 2), "save_s": col(stage, "save_s", 2),
             "full_state_bytes": ranks[0]["full_state_bytes"],
+            "mmap_threshold_mib": ranks[0]["mmap_threshold_mib"],  # 0: glibc's dynamic default
         }
     if 0 in runs and 3 in runs:
         for key in ("peak_rss_steps_mib", "peak_rss_with_save_mib", "live_heap_peak_steps_mib"):
@@ -207,9 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--without", default="", type=lambda v: [w for w in v.split(",") if w],
                         help="undo fixes, comma-separated, to measure what each saves: config (DeepSpeed's ZeRO-3 "
                              "defaults), zero_init (model built whole). The streamed full-state save cannot be undone")
-    parser.add_argument("--return-freed-memory", action="store_true",
-                        help="both stages with MIM_SCALE_RETURN_FREED_MEMORY=1 (glibc mmap threshold 1 MiB: less "
-                             "RSS, slower CPU steps)")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: the system temp dir)")
     args = parser.parse_args(argv)
     unknown = set(args.without) - {"config", "zero_init"}
@@ -219,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {stage: run_stage(stage, args) for stage in (int(s) for s in args.stages.split(","))}
     record = summarise(runs)
     record.update({"config": args.config, "crop": args.crop, "view": args.view, "steps": args.steps,
-                   "overrides": args.set, "without": args.without,
-                   "return_freed_memory": args.return_freed_memory})
+                   "overrides": args.set, "without": args.without})
     print(json.dumps(record), flush=True)
     return 0
 

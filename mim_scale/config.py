@@ -190,6 +190,10 @@ class TrainConfig:
     precision: str = "bf16"  # "fp32", "bf16", "fp16" (fp16 on GPU only)
     zero_stage: int = 2
     offload_optimizer: bool = False
+    # glibc's mmap threshold in a CPU worker, MiB: -1 = auto (fixed under ZeRO-3, so the parameters it gathers
+    # and frees go back to the system; glibc's dynamic default otherwise), 0 = glibc's default, N = fixed at N
+    # (engine.deepspeed_engine.cpu_mmap_threshold_bytes). No effect on GPU workers.
+    cpu_mmap_threshold_mib: float = -1.0
     seed: int = 0
     log_every: int = 1
     checkpoint_every: int = 50  # steps; 0 disables step-based saves
@@ -223,6 +227,9 @@ class TrainConfig:
         require(self.precision != "fp16" or launch.use_gpu, "train.precision",
                 "fp16 needs launch.use_gpu = true (CPU has no fp16 training)")
         require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        require(self.cpu_mmap_threshold_mib == -1 or 0 <= self.cpu_mmap_threshold_mib <= 32,
+                "train.cpu_mmap_threshold_mib", "must be -1 (auto), 0 (glibc's default) or a size up to 32 MiB "
+                f"(glibc's own cap), got {self.cpu_mmap_threshold_mib}")
         for key, least in (("checkpoint_every", 0), ("checkpoint_minutes", 0), ("keep_last", 1), ("log_every", 1),
                            ("validate_every", 0), ("validation_crops", 1), ("pictures_every", 0)):
             require(getattr(self, key) >= least, f"train.{key}", f"must be >= {least}")

@@ -148,35 +148,50 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
     return engine, optimizer, scheduler
 
 
-def init_distributed(use_gpu: bool) -> None:
-    """Join (or create) the process group: NCCL on GPU, gloo on CPU. Reuses one Ray Train created."""
+def init_distributed(use_gpu: bool, cpu_mmap_threshold_bytes: int = 0) -> None:
+    """Join (or create) the process group: NCCL on GPU, gloo on CPU. Reuses one Ray Train created.
+
+    On CPU, a ``cpu_mmap_threshold_bytes`` > 0 fixes glibc's mmap threshold first (:func:`set_mmap_threshold`;
+    :func:`cpu_mmap_threshold_bytes` gives the config's value)."""
     import deepspeed
 
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        if os.environ.get("MIM_SCALE_RETURN_FREED_MEMORY") == "1":  # opt-in: less RSS, slower CPU steps
-            return_freed_memory()
+        if cpu_mmap_threshold_bytes > 0:
+            set_mmap_threshold(cpu_mmap_threshold_bytes)
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False)
 
 
-# glibc's mmap threshold for a training process on CPU, bytes (see return_freed_memory)
-CPU_MMAP_THRESHOLD_BYTES = 1 << 20
+# glibc's mmap threshold for a ZeRO-3 training process on CPU when the config says "auto" (see set_mmap_threshold)
+ZERO3_CPU_MMAP_THRESHOLD_MIB = 4
 
 
-def return_freed_memory(threshold_bytes: int = CPU_MMAP_THRESHOLD_BYTES) -> bool:
+def cpu_mmap_threshold_bytes(cfg: Config) -> int:
+    """The glibc mmap threshold a CPU training process of ``cfg`` runs with, bytes; 0 = glibc's own (dynamic).
+
+    ``train.cpu_mmap_threshold_mib``: < 0 (auto) fixes it at :data:`ZERO3_CPU_MMAP_THRESHOLD_MIB` under ZeRO-3,
+    whose point is memory, and leaves glibc's default otherwise (ZeRO-0/1/2 gain nothing from it and pay for
+    it in step time: engine/README.md, ZeRO memory)."""
+    mib = cfg.train.cpu_mmap_threshold_mib
+    if mib < 0:
+        mib = ZERO3_CPU_MMAP_THRESHOLD_MIB if cfg.train.zero_stage == 3 else 0
+    return int(mib * 2**20)
+
+
+def set_mmap_threshold(threshold_bytes: int) -> bool:
     """Have glibc serve every allocation of ``threshold_bytes`` or more with its own mmap, returned to the system
-    when freed. Returns whether the setting was applied.
+    when freed. Returns whether the setting was applied. For the whole process, and for good: once set, glibc's
+    dynamic threshold stays off.
 
     Why: by default glibc raises its mmap threshold to the size of each mmapped block freed (up to 32 MiB), so
     after the first few frees tensors of up to 32 MiB come from the heap, and a heap only shrinks from its top.
-    A training process on CPU frees and re-allocates such tensors all the time (ZeRO-3 gathers and releases
-    every parameter, twice a step), and the holes stay resident: measured on ``large`` under ZeRO-3 (2 ranks,
-    benchmarks/zero_memory.py), peak RSS 5114 MiB per rank for 3110 MiB of live tensors, 3623 MiB with a fixed
-    1 MiB threshold, at a cost in step time on CPU (fresh mappings are faulted in; engine/README.md, ZeRO
-    memory: 49.5 vs 35.6 s/step there, noisy; at 128^3 crops the page faults took ~45 % of the CPU time and a
-    step of ``large`` took over 20 min). So it is opt-in: ``MIM_SCALE_RETURN_FREED_MEMORY=1`` in the workers'
-    environment makes :func:`init_distributed` apply it on CPU. A threshold the operator set
-    (``MALLOC_MMAP_THRESHOLD_`` in the environment) is left as it is; not glibc (musl, macOS): nothing changes.
+    A ZeRO-3 process on CPU frees and re-allocates such tensors all the time (it gathers and releases every
+    parameter, twice a step), and the holes stay resident: measured on ``large`` (2 ranks,
+    benchmarks/zero_memory.py, engine/README.md "ZeRO memory"), peak RSS ~5.1 GiB per rank for 3.1 GiB of live
+    tensors by default, ~3.6 GiB with a 1 MiB threshold and ~3.9 GiB with 4 MiB. The price is CPU time: every
+    allocation above the threshold is a fresh mapping, faulted in page by page (ZeRO-0 steps 2.5x slower at
+    1 MiB, where it saves nothing). A threshold the operator set (``MALLOC_MMAP_THRESHOLD_`` in the
+    environment) is left as it is; not glibc (musl, macOS): nothing changes.
     """
     if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
         return False

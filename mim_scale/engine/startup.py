@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from mim_scale.config import Config
 from mim_scale.engine import checkpoint as ckpt
-from mim_scale.engine.deepspeed_engine import build_engine, build_model, init_distributed
+from mim_scale.engine.deepspeed_engine import build_engine, build_model, cpu_mmap_threshold_bytes, init_distributed
 from mim_scale.engine.reporter import Reporter
 from mim_scale.engine.step import mask_seed
 from mim_scale.recipe import Recipe
@@ -25,7 +25,7 @@ log = logging.getLogger("mim_scale.train")
 def join_process_group(cfg: Config) -> tuple[int, int, torch.device]:
     """(rank, world size, device) after joining the group RANK/WORLD_SIZE/MASTER_ADDR describe (NCCL on GPUs)."""
     use_gpu = cfg.launch.use_gpu and torch.cuda.is_available()
-    init_distributed(use_gpu)
+    init_distributed(use_gpu, cpu_mmap_threshold_bytes(cfg))
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
+import platform
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
-from mim_scale.config import load_config
-from mim_scale.engine.deepspeed_engine import deepspeed_config, effective_lr, lr_multiplier, param_groups
+from mim_scale.config import ConfigError, load_config
+from mim_scale.engine.deepspeed_engine import (ZERO3_CPU_MMAP_THRESHOLD_MIB, cpu_mmap_threshold_bytes, deepspeed_config,
+                                               effective_lr, lr_multiplier, param_groups)
 from mim_scale.model import build_model
 
 
@@ -59,3 +65,57 @@ def test_no_decay_for_biases_and_norms():
     assert decay and sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
     assert math.isclose(max(g["weight_decay"] for g in groups), 0.05)
     assert torch.is_tensor(groups[0]["params"][0])
+
+
+def test_cpu_mmap_threshold_is_fixed_under_zero3_by_default():
+    assert cpu_mmap_threshold_bytes(_cfg("train.zero_stage=3")) == ZERO3_CPU_MMAP_THRESHOLD_MIB * 2**20
+    assert cpu_mmap_threshold_bytes(load_config("large")) == ZERO3_CPU_MMAP_THRESHOLD_MIB * 2**20
+    for stage in (0, 1, 2):  # nothing to gain there, and the fresh mappings cost step time
+        assert cpu_mmap_threshold_bytes(_cfg(f"train.zero_stage={stage}")) == 0
+    assert cpu_mmap_threshold_bytes(_cfg("train.zero_stage=3", "train.cpu_mmap_threshold_mib=0")) == 0
+    assert cpu_mmap_threshold_bytes(_cfg("train.cpu_mmap_threshold_mib=1")) == 2**20
+    with pytest.raises(ConfigError, match="train.cpu_mmap_threshold_mib"):
+        _cfg("train.cpu_mmap_threshold_mib=64")
+
+
+# a process frees 2 MiB tensors after one freed 2 MiB mapping raised glibc's dynamic threshold: how much of
+# what it freed stays resident (MiB), and whether set_mmap_threshold applied
+_HEAP_PROBE = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from mim_scale.engine.deepspeed_engine import set_mmap_threshold
+
+    def rss_mib():
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS"))
+        return int(line.split()[1]) / 1024
+
+    applied = set_mmap_threshold(1 << 20) if sys.argv[1] == "fixed" else None
+    warm = torch.ones(2 << 18)
+    del warm
+    base = rss_mib()
+    blocks = [torch.ones(2 << 18) for _ in range(200)]  # 400 MiB in 2 MiB tensors
+    last = blocks[-1]  # the top of the heap stays in use: glibc cannot shrink the heap below it
+    del blocks
+    print(applied, rss_mib() - base)
+""")
+
+
+def _heap_probe(mode: str, **env: str) -> tuple[str, float]:
+    full_env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | env
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], env=full_env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    return out[0], float(out[1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_fixed_mmap_threshold_returns_freed_tensors_to_the_system():
+    # in a child process: the setting is for the whole process and for good
+    applied, kept_default = _heap_probe("default")
+    assert kept_default > 300  # glibc's default keeps the holes below the last block resident
+    applied, kept_fixed = _heap_probe("fixed")
+    assert applied == "True" and kept_fixed < 20
+    applied, _ = _heap_probe("fixed", MALLOC_MMAP_THRESHOLD_="65536")
+    assert applied == "False"  # an operator's own threshold stays

@@ -174,15 +174,3 @@ def test_streamed_full_state_round_trips_under_zero3(zero3):
         torch.testing.assert_close(export[name], master.reshape(export[name].shape), rtol=0, atol=0)
     for r in ranks:  # load put back what the save wrote, after masters and moments were overwritten
         assert r["restored_max_err"] == 0.0 and r["restored_avg_max_err"] == 0.0
-
-
-def test_freed_memory_policy_leaves_an_operators_setting(monkeypatch):
-    from mim_scale.engine.deepspeed_engine import return_freed_memory
-
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert return_freed_memory() is False  # the operator's threshold stays
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    import platform
-
-    if platform.libc_ver()[0] == "glibc":
-        assert return_freed_memory() is True
