@@ -3,8 +3,8 @@
 The table holds, per card (``torch.cuda.get_device_name()``, exactly) and per op, the figure measured by
 ``python benchmarks/ops_kernels.py`` on that card (run by ``gpu/run_all.sh``), with the file it came from. The
 decision is computed from the figure by one rule, :func:`wins`: a kernel is on where it is at least
-:data:`MIN_VS_EAGER` times faster than eager torch (what the model runs) *and* not slower than
-``torch.compile`` of the same reference, in the pass the model uses (``fwd+bwd`` for ops that are
+:data:`MIN_VS_EAGER` times faster than eager torch (what the model runs) *and* :data:`MIN_VS_COMPILE` times
+faster than ``torch.compile`` of the same reference, in the pass the model uses (``fwd+bwd`` for ops that are
 differentiated in training; ``fwd`` for the views, which have no gradient). An op with no figure on a card,
 and any card not in the table, and CPU tensors, get the torch reference.
 
@@ -21,8 +21,9 @@ import torch
 
 # A kernel must beat eager by this much to be worth its maintenance and its graph break under compile.
 MIN_VS_EAGER = 1.3
-# ...and must not lose to torch.compile of the reference (a model compiled end to end would use that instead).
-MIN_VS_COMPILE = 1.0
+# ...and beat torch.compile of the reference by this much (a model compiled end to end would use that instead;
+# the margin is issue 17's, and above the ~5 % run-to-run spread of the bench's medians).
+MIN_VS_COMPILE = 1.1
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ MEASURED: dict[str, dict[str, Figure]] = {
         "gather_tokens": Figure("fwd+bwd", 0.265, 0.816, _H200),
         # 0.681 ms vs 0.215 ms eager -> off
         "scatter_tokens": Figure("fwd+bwd", 0.316, 0.838, _H200),
-        # 0.350 ms vs 0.678 ms eager, 0.368 ms compile (13.9% of 4.8 TB/s) -> on
+        # 0.350 ms vs 0.678 ms eager, 0.368 ms compile (13.9% of 4.8 TB/s): x1.05 vs compile, under the 1.1
+        # margin -> off until a faster kernel or a new figure
         "make_views": Figure("fwd", 1.936, 1.051, _H200),
         # masked_depthwise_conv3d: not measured on any card yet (the kernel is newer than the last lent GPU);
         # it stays off until `python benchmarks/ops_kernels.py` shows it ahead of cuDNN's channels-last
