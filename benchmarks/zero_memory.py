@@ -93,7 +93,7 @@ def _worker(rank: int, world: int, port: int, stage: int, args: dict, out: str) 
                                        f"train.global_batch_crops={world}", "train.steps=100", "train.warmup_steps=1",
                                        "metrics.enabled=false"] + args["set"])
     mmap_threshold = deepspeed_engine.cpu_mmap_threshold_bytes(cfg)
-    init_distributed(False, mmap_threshold)  # as engine/startup does: the config's glibc mmap threshold
+    fixed = init_distributed(False, mmap_threshold)  # as engine/startup does: the config's glibc mmap threshold
     live = _LiveHeap()
     start = _status_mib()["VmRSS"]
     torch.manual_seed(cfg.train.seed)
@@ -125,7 +125,7 @@ def _worker(rank: int, world: int, port: int, stage: int, args: dict, out: str) 
         "params": params, "start_rss_mib": start, "peak_rss_steps_mib": after_steps["VmHWM"],
         "rss_after_steps_mib": after_steps["VmRSS"], "peak_rss_with_save_mib": after_save["VmHWM"],
         "live_heap_peak_steps_mib": live_after_steps, "live_heap_peak_with_save_mib": live.peak_mib,
-        "step_s": step_s, "save_s": save_s, "held_elements": held, "mmap_threshold_mib": mmap_threshold / 2**20,
+        "step_s": step_s, "save_s": save_s, "held_elements": held, "mmap_threshold_mib": mmap_threshold / 2**20 if fixed else 0.0,
         "full_state_bytes": (save_dir / "full_state.safetensors").stat().st_size if rank == 0 else None}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -183,7 +183,7 @@ def summarise(runs: dict[int, dict]) -> dict:
                                           for r in ranks],
             "step_s": col(stage, "step_s", 2), "save_s": col(stage, "save_s", 2),
             "full_state_bytes": ranks[0]["full_state_bytes"],
-            "mmap_threshold_mib": ranks[0]["mmap_threshold_mib"],  # 0: glibc's dynamic default
+            "mmap_threshold_mib": ranks[0]["mmap_threshold_mib"],  # 0: glibc's dynamic default (or the environment's)
         }
     if 0 in runs and 3 in runs:
         for key in ("peak_rss_steps_mib", "peak_rss_with_save_mib", "live_heap_peak_steps_mib"):
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--without", default="", type=lambda v: [w for w in v.split(",") if w],
                         help="undo fixes, comma-separated, to measure what each saves: config (DeepSpeed's ZeRO-3 "
-                             "defaults), zero_init (model built whole). The streamed full-state save cannot be undone")
+                             "defaults), zero_init (model built whole); the allocator fix with --set "
+                             "train.cpu_mmap_threshold_mib=0. The streamed full-state save cannot be undone")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: the system temp dir)")
     args = parser.parse_args(argv)
     unknown = set(args.without) - {"config", "zero_init"}

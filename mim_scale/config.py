@@ -227,9 +227,9 @@ class TrainConfig:
         require(self.precision != "fp16" or launch.use_gpu, "train.precision",
                 "fp16 needs launch.use_gpu = true (CPU has no fp16 training)")
         require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
-        require(self.cpu_mmap_threshold_mib == -1 or 0 <= self.cpu_mmap_threshold_mib <= 32,
-                "train.cpu_mmap_threshold_mib", "must be -1 (auto), 0 (glibc's default) or a size up to 32 MiB "
-                f"(glibc's own cap), got {self.cpu_mmap_threshold_mib}")
+        require(self.cpu_mmap_threshold_mib in (-1, 0) or 0.125 <= self.cpu_mmap_threshold_mib <= 32,
+                "train.cpu_mmap_threshold_mib", "must be -1 (auto), 0 (glibc's default) or a size from 0.125 "
+                f"(glibc's initial threshold) to 32 MiB (its cap), got {self.cpu_mmap_threshold_mib}")
         for key, least in (("checkpoint_every", 0), ("checkpoint_minutes", 0), ("keep_last", 1), ("log_every", 1),
                            ("validate_every", 0), ("validation_crops", 1), ("pictures_every", 0)):
             require(getattr(self, key) >= least, f"train.{key}", f"must be >= {least}")

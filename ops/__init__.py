@@ -10,7 +10,7 @@ One file per op holds its torch reference, its Triton kernel(s) and its autograd
 
 Each public function here has its op's reference signature and semantics and picks the path per call:
 backend ``"auto"`` (default) runs an op's fused kernel only on a device where a measured figure says it wins
-(:mod:`mim_scale.ops.auto`, which states the figures; today: the view kernel on an H200, nothing on CPU),
+(:mod:`mim_scale.ops.auto`, which states the figures; today: no kernel on any measured card, nothing on CPU),
 ``"reference"`` always the torch reference, ``"triton"`` always the kernel (on CPU tensors through Triton's
 interpreter: slow, for checks). Override with ``MIM_SCALE_OPS_BACKEND=auto|reference|triton``,
 :func:`set_backend`, or ``with ops.backend(...)``. ``calls`` counts ``(op, "triton" | "reference")`` per call,

@@ -6,6 +6,7 @@ The model never sees torch.distributed: DeepSpeed applies data parallelism and Z
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -13,6 +14,8 @@ import torch
 
 from mim_scale.config import Config
 from mim_scale.model.optim import param_groups, warmup_cosine  # the AdamW groups and schedule every trainer shares
+
+log = logging.getLogger(__name__)
 
 
 def effective_lr(cfg: Config) -> float:
@@ -148,18 +151,22 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
     return engine, optimizer, scheduler
 
 
-def init_distributed(use_gpu: bool, cpu_mmap_threshold_bytes: int = 0) -> None:
+def init_distributed(use_gpu: bool, mmap_threshold_bytes: int = 0) -> bool:
     """Join (or create) the process group: NCCL on GPU, gloo on CPU. Reuses one Ray Train created.
 
-    On CPU, a ``cpu_mmap_threshold_bytes`` > 0 fixes glibc's mmap threshold first (:func:`set_mmap_threshold`;
-    :func:`cpu_mmap_threshold_bytes` gives the config's value)."""
+    On CPU, a ``mmap_threshold_bytes`` > 0 fixes glibc's mmap threshold first (:func:`set_mmap_threshold`;
+    :func:`cpu_mmap_threshold_bytes` gives the config's value). Returns whether it was fixed."""
     import deepspeed
 
+    fixed = False
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        if cpu_mmap_threshold_bytes > 0:
-            set_mmap_threshold(cpu_mmap_threshold_bytes)
+        if mmap_threshold_bytes > 0:
+            fixed = set_mmap_threshold(mmap_threshold_bytes)
+            log.info("glibc mmap threshold: %s", f"fixed at {mmap_threshold_bytes / 2**20:g} MiB" if fixed else
+                     "left as it is (MALLOC_MMAP_THRESHOLD_ in the environment, or not glibc)")
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False)
+    return fixed
 
 
 # glibc's mmap threshold for a ZeRO-3 training process on CPU when the config says "auto" (see set_mmap_threshold)
@@ -188,7 +195,7 @@ def set_mmap_threshold(threshold_bytes: int) -> bool:
     A ZeRO-3 process on CPU frees and re-allocates such tensors all the time (it gathers and releases every
     parameter, twice a step), and the holes stay resident: measured on ``large`` (2 ranks,
     benchmarks/zero_memory.py, engine/README.md "ZeRO memory"), peak RSS ~5.1 GiB per rank for 3.1 GiB of live
-    tensors by default, ~3.6 GiB with a 1 MiB threshold and ~3.9 GiB with 4 MiB. The price is CPU time: every
+    tensors by default, ~3.6 GiB with a 1 MiB threshold and ~3.8 GiB with 4 MiB. The price is CPU time: every
     allocation above the threshold is a fresh mapping, faulted in page by page (ZeRO-0 steps 2.5x slower at
     1 MiB, where it saves nothing). A threshold the operator set (``MALLOC_MMAP_THRESHOLD_`` in the
     environment) is left as it is; not glibc (musl, macOS): nothing changes.

@@ -74,8 +74,10 @@ def test_cpu_mmap_threshold_is_fixed_under_zero3_by_default():
         assert cpu_mmap_threshold_bytes(_cfg(f"train.zero_stage={stage}")) == 0
     assert cpu_mmap_threshold_bytes(_cfg("train.zero_stage=3", "train.cpu_mmap_threshold_mib=0")) == 0
     assert cpu_mmap_threshold_bytes(_cfg("train.cpu_mmap_threshold_mib=1")) == 2**20
-    with pytest.raises(ConfigError, match="train.cpu_mmap_threshold_mib"):
-        _cfg("train.cpu_mmap_threshold_mib=64")
+    assert cpu_mmap_threshold_bytes(_cfg("train.cpu_mmap_threshold_mib=0.5")) == 2**19
+    for bad in ("64", "-2", "-0.5", "0.01", "nan"):
+        with pytest.raises(ConfigError, match="train.cpu_mmap_threshold_mib"):
+            _cfg(f"train.cpu_mmap_threshold_mib={bad}")
 
 
 # a process frees 2 MiB tensors after one freed 2 MiB mapping raised glibc's dynamic threshold: how much of
@@ -104,7 +106,9 @@ _HEAP_PROBE = textwrap.dedent("""
 
 
 def _heap_probe(mode: str, **env: str) -> tuple[str, float]:
-    full_env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | env
+    # the allocator as glibc ships it: no tunables or preloaded allocator from the caller's environment
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")} | env
     out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], env=full_env, capture_output=True, text=True,
                          check=True, timeout=120).stdout.split()
     return out[0], float(out[1])
