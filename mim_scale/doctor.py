@@ -9,7 +9,8 @@ Ray task pinned to each node), it checks:
 - torch, and with ``--use-gpu`` CUDA and the GPUs torch sees (against the GPUs Ray counts on that node);
 - the DeepSpeed ops the engine will use (FusedAdam on GPU, DeepSpeedCPUAdam with optimizer offload): built
   into the install, or JIT-compiled at the first step, which needs ninja, a C++ compiler (and nvcc for GPU
-  ops) on that node and costs about a minute per op;
+  ops) on that node and costs about a minute per op; and no build lock left in the extensions folder by a
+  process killed mid-build (every later process would wait on it for ever, silently);
 - the storage path (``--storage``, default ``launch.storage``): it exists or can be made, a file can be
   written and removed there, and its free space (``--min-free-gb``);
 - the shard manifest (``data.shards``): readable from that node, and its first shard opens.
@@ -28,6 +29,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +38,8 @@ from mim_scale.config import Config, load_config
 
 OK, WARN, FIX = "ok", "warn", "FIX"
 NODE_TIMEOUT_S = 300.0  # a node whose check has not answered by then is reported as not answering
+# a JIT build of one op takes about a minute: a lock older than this was left by a process that died building
+STALE_BUILD_LOCK_S = 15 * 60.0
 
 
 @dataclass
@@ -117,9 +121,15 @@ def _check_torch(spec: Spec, report: NodeReport, ray_gpus: float | None) -> None
 
 
 def _ops_needed(spec: Spec) -> list[tuple[str, str]]:
-    """(op name, why) of the DeepSpeed ops the engine builds (mim_scale.engine.deepspeed_engine._optimizer)."""
+    """(op name, why) of the DeepSpeed ops a worker builds: the optimizer's (mim_scale.engine.deepspeed_engine.
+    make_optimizer) and, on CPU, the shared-memory collectives DeepSpeed's CPU accelerator loads in
+    ``init_distributed`` wherever it can build them."""
     if not spec.use_gpu:
-        return []  # CPU runs use torch's AdamW: nothing to compile
+        import deepspeed.ops
+
+        # CPU runs use torch's AdamW; DeepSpeed skips the shm op where it cannot build it
+        return ([("deepspeed_shm_comm", "DeepSpeed's CPU shared-memory collectives")]
+                if deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm") else [])
     if spec.offload_optimizer:
         return [("cpu_adam", "DeepSpeedCPUAdam (train.offload_optimizer)")]
     return [("fused_adam", "FusedAdam")]
@@ -132,23 +142,54 @@ def _check_deepspeed(spec: Spec, report: NodeReport) -> None:
     except Exception as exc:  # noqa: BLE001 - DeepSpeed raises more than ImportError when its accelerator is off
         report.add(FIX, "deepspeed", f"deepspeed does not import ({type(exc).__name__}: {exc})")
         return
+    _check_build_locks(report)
     needed = _ops_needed(spec)
     jit = [(op, why) for op, why in needed if not installed_ops.get(op)]
     prebuilt = [op for op, _ in needed if installed_ops.get(op)]
     msg = f"deepspeed {deepspeed.__version__}" + (f", prebuilt: {', '.join(prebuilt)}" if prebuilt else "")
-    report.add(OK, "deepspeed", msg + ("" if needed else " (CPU run: no op to compile)"))
+    report.add(OK, "deepspeed", msg + ("" if needed else " (no op to compile)"))
     if not jit:
         return
-    missing = [tool for tool, found in (("ninja", _has_ninja()), ("c++", shutil.which("c++") or shutil.which("g++")),
-                                        ("nvcc", _nvcc())) if not found]
+    tools = [("ninja", _has_ninja()), ("c++", shutil.which("c++") or shutil.which("g++"))]
+    if spec.use_gpu:
+        tools.append(("nvcc", _nvcc()))
+    missing = [tool for tool, found in tools if not found]
     names = ", ".join(f"{op} ({why})" for op, why in jit)
     if missing:
         report.add(FIX, "deepspeed", f"{names} will be JIT-compiled at the first step, but {', '.join(missing)} "
                    "is missing on this node: use an image with DS_BUILD_OPS=1 prebuilt ops (launcher/Dockerfile) "
                    "or install the build tools")
     else:
-        report.add(WARN, "deepspeed", f"{names} will be JIT-compiled at the first step (about a minute per op, "
-                   "per node; cached under TORCH_EXTENSIONS_DIR); prebuild with DS_BUILD_OPS=1 to skip it")
+        report.add(WARN if spec.use_gpu else OK, "deepspeed",
+                   f"{names} will be JIT-compiled at the first step (about a minute per op, per node; cached under "
+                   "TORCH_EXTENSIONS_DIR); prebuild with DS_BUILD_OPS=1 to skip it")
+
+
+def extensions_root() -> Path:
+    """Where torch JIT-builds extensions (DeepSpeed's ops among them): ``TORCH_EXTENSIONS_DIR`` or torch's default
+    (one sub-folder per Python/CUDA build there)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def _check_build_locks(report: NodeReport) -> None:
+    """torch's build lock (``<root>/[<build>/]<op>/lock``) outlives a process killed while it builds; every later
+    process that loads the op then waits in ``FileBaton.wait`` until the file goes, with no message."""
+    root = extensions_root()
+    now = time.time()
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            age_s = now - lock.stat().st_mtime
+        except FileNotFoundError:  # a build finished meanwhile
+            continue
+        if age_s >= STALE_BUILD_LOCK_S:
+            report.add(FIX, "deepspeed", f"stale build lock {lock} ({age_s / 60:.0f} min old, left by a process "
+                       f"that died while building the {lock.parent.name} op): every process loading that op waits "
+                       f"on it for ever; remove it (rm {lock}) when no build is running on this node")
+        else:
+            report.add(WARN, "deepspeed", f"{lock.parent.name} is being built on this node ({lock}, "
+                       f"{age_s:.0f} s old); if no process is building it, remove the lock")
 
 
 def _has_ninja() -> bool:

@@ -115,3 +115,35 @@ def test_every_node_of_a_multi_node_cluster_is_checked_where_it_runs(sample_shar
     assert len(result["alive"]) == 3  # a head with no CPU and two 1-CPU nodes
     assert result["ran_on"] == result["alive"]  # one check per node, pinned there (the CPU-less head included)
     assert result["roles"] == ["head", "node", "node", "node"] and not any(result["blocking"])
+
+
+def test_a_stale_build_lock_is_a_fix_naming_it(sample_shards, tmp_path, monkeypatch):
+    """A process killed while torch JIT-builds an op leaves its lock; every later process waits on it for ever."""
+    import os
+
+    from mim_scale.doctor import STALE_BUILD_LOCK_S, WARN
+
+    root = tmp_path / "torch_extensions"
+    stale = root / "deepspeed_shm_comm" / "lock"
+    fresh = root / "py311_cpu" / "cpu_adam" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = stale.stat().st_mtime - STALE_BUILD_LOCK_S - 60
+    os.utime(stale, (old, old))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    report = check_here(spec_from(load_config("tiny", [f"data.shards={sample_shards}"]), str(tmp_path),
+                                  min_free_gb=0.01))
+    ds = [f for f in report.findings if f.what == "deepspeed"]
+    assert report.blocking
+    assert any(f.level == FIX and str(stale) in f.message and "shm_comm" in f.message for f in ds), ds
+    assert any(f.level == WARN and str(fresh) in f.message for f in ds), ds  # a build may be running
+    import deepspeed.ops
+
+    if deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm"):  # a CPU run builds it in init_distributed
+        assert any("deepspeed_shm_comm" in f.message and "JIT-compiled" in f.message for f in ds), ds
+    stale.unlink()
+    fresh.unlink()
+    report = check_here(spec_from(load_config("tiny", [f"data.shards={sample_shards}"]), str(tmp_path),
+                                  min_free_gb=0.01))
+    assert not report.blocking and not any(str(root) in f.message for f in report.findings)
