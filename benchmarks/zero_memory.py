@@ -125,7 +125,8 @@ def _worker(rank: int, world: int, port: int, stage: int, args: dict, out: str) 
         "params": params, "start_rss_mib": start, "peak_rss_steps_mib": after_steps["VmHWM"],
         "rss_after_steps_mib": after_steps["VmRSS"], "peak_rss_with_save_mib": after_save["VmHWM"],
         "live_heap_peak_steps_mib": live_after_steps, "live_heap_peak_with_save_mib": live.peak_mib,
-        "step_s": step_s, "save_s": save_s, "held_elements": held, "mmap_threshold_mib": mmap_threshold / 2**20 if fixed else 0.0,
+        "step_s": step_s, "save_s": save_s, "held_elements": held,
+        "mmap_threshold_mib": mmap_threshold / 2**20 if fixed else 0.0,
         "full_state_bytes": (save_dir / "full_state.safetensors").stat().st_size if rank == 0 else None}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -165,7 +165,7 @@ def _check_deepspeed(spec: Spec, report: NodeReport) -> None:
                    "TORCH_EXTENSIONS_DIR); prebuild with DS_BUILD_OPS=1 to skip it")
 
 
-def extensions_root() -> Path:
+def _extensions_root() -> Path:
     """Where torch JIT-builds extensions (DeepSpeed's ops among them): ``TORCH_EXTENSIONS_DIR`` or torch's default
     (one sub-folder per Python/CUDA build there)."""
     from torch.utils.cpp_extension import get_default_build_root
@@ -176,7 +176,7 @@ def extensions_root() -> Path:
 def _check_build_locks(report: NodeReport) -> None:
     """torch's build lock (``<root>/[<build>/]<op>/lock``) outlives a process killed while it builds; every later
     process that loads the op then waits in ``FileBaton.wait`` until the file goes, with no message."""
-    root = extensions_root()
+    root = _extensions_root()
     now = time.time()
     for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
         try:
